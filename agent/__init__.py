@@ -1,0 +1,1 @@
+"""The task agent: one engine, two front doors (TCP lines and HTTP)."""

@@ -1,0 +1,134 @@
+"""The task engine both doors share: limits, queue, registry, cancel, shutdown.
+
+Doors translate their wire format into `Engine.submit` calls and an
+Outcome back into their wire format; every rule about when a task may run
+lives here.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Callable, Mapping
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.logger import Logger
+
+from agent.messages import TaskRequest
+from agent.outcome import Ending, Outcome
+from agent.process import OutputSink, TaskProcess, start_task
+
+log = Logger()
+
+
+class Busy(Exception):
+    """The lane's limit is reached and it rejects rather than queues."""
+
+
+class Lane:
+    """A concurrency limit shared by every task submitted through it.
+
+    limit 0 means unlimited. Over the limit a queueing lane waits FIFO for a
+    free slot, a rejecting lane raises Busy at once.
+    """
+
+    def __init__(self, limit: int, queue: bool = False):
+        self.limit = limit
+        self.queue = queue
+        self._slots = DeferredSemaphore(limit) if limit > 0 else None
+
+    @property
+    def running(self) -> int:
+        return 0 if self._slots is None else self._slots.limit - self._slots.tokens
+
+    def acquire(self) -> Deferred:
+        if self._slots is None:
+            return succeed(None)
+        if not self.queue and self._slots.tokens == 0:
+            raise Busy()
+        return self._slots.acquire()
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+
+
+class Task:
+    """One submitted task: its request, its state, and a Deferred of its Outcome."""
+
+    def __init__(self, request: TaskRequest, source: str, sink: OutputSink, task_id: str):
+        self.id = task_id
+        self.request = request
+        self.source = source
+        self.sink = sink
+        self.state = "queued"
+        self.runner: TaskProcess | None = None
+        self.outcome: Outcome | None = None
+        self.result: Deferred[Outcome] = Deferred()
+        self._waiting_for_slot: Deferred | None = None
+
+    def cancel(self, message: str = "cancelled", grace: float = 0.0) -> None:
+        """Drop the task if it waits for a slot; otherwise end its process group."""
+        if self._waiting_for_slot is not None:
+            self._waiting_for_slot.cancel()
+        elif self.runner is not None:
+            self.runner.cancel(message, grace)
+
+
+class Engine:
+    """Runs TaskRequests under per-lane limits and keeps the registry of live tasks."""
+
+    def __init__(self, reactor, start=start_task):
+        self._reactor = reactor
+        self._start_task = start
+        self.live: dict[str, Task] = {}
+        self.observers: list[Callable[[Task], None]] = []
+
+    def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
+               env: Mapping[str, str] | None = None, cwd: str | None = None) -> Task:
+        """Queue or start a task; raise Busy when the lane is full and rejects."""
+        slot = lane.acquire()
+        task = Task(request, source, sink, uuid.uuid4().hex)
+        self.live[task.id] = task
+        self._notify(task)
+        if not slot.called:
+            task._waiting_for_slot = slot
+        slot.addCallbacks(self._start, self._dropped, callbackArgs=(task, lane, env, cwd),
+                          errbackArgs=(task,))
+        return task
+
+    def cancel_all(self, message: str) -> None:
+        """End every live task now; used when the agent shuts down."""
+        for task in list(self.live.values()):
+            task.cancel(message)
+
+    def _start(self, _, task: Task, lane: Lane, env, cwd) -> None:
+        task._waiting_for_slot = None
+        task.state = "running"
+        task.runner = self._start_task(self._reactor, task.request.command, task.sink,
+                                       timeout=task.request.timeout, env=env, cwd=cwd)
+        if not task.runner.finished:
+            self._notify(task)
+        task.runner.ended.addCallback(self._finished, task, lane)
+
+    def _dropped(self, failure, task: Task) -> None:
+        failure.trap(CancelledError)
+        task._waiting_for_slot = None
+        self._settle(task, Outcome(Ending.CANCELLED, -1, "cancelled before it started"))
+
+    def _finished(self, outcome: Outcome, task: Task, lane: Lane) -> None:
+        lane.release()
+        log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
+                 id=task.request.id or task.id, argv0=task.request.command[0],
+                 ending=outcome.ending.value, exit_code=outcome.exit_code,
+                 duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))
+        self._settle(task, outcome)
+
+    def _settle(self, task: Task, outcome: Outcome) -> None:
+        del self.live[task.id]
+        task.outcome = outcome
+        task.state = "finished"
+        self._notify(task)
+        task.result.callback(outcome)
+
+    def _notify(self, task: Task) -> None:
+        for observer in self.observers:
+            observer(task)

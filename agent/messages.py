@@ -1,0 +1,133 @@
+"""The TCP wire format: parse a request line, encode a result line.
+
+Pure functions over bytes and values, no I/O, so every rule of the protocol
+can be tested (and fuzzed) without a socket or a process.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from agent.outcome import Outcome
+
+TIMEOUT_UNITS = {"s": 1.0, "ms": 0.001}
+
+BUSY_ERROR = "cannot allow concurrent executions"
+TIMEOUT_ERROR = "timeout exceeded"
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """One validated request: an argv, a timeout in seconds (None = none), an optional id."""
+
+    command: tuple[str, ...]
+    timeout: float | None = None
+    id: str | None = None
+
+
+class BadRequest(ValueError):
+    """A request line that cannot be run; carries what could be echoed back."""
+
+    def __init__(self, message: str, command: Any = None, id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.command = command
+        self.id = id
+
+
+def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:
+    """Validate one request line; raise BadRequest saying exactly what is wrong."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request is not valid UTF-8: {e.reason} at byte {e.start}")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise BadRequest(f"request is not valid JSON: {e}")
+    if not isinstance(obj, dict):
+        raise BadRequest(f"request must be a JSON object, not {_json_type(obj)}")
+    request_id = _parse_id(obj)
+    command = obj.get("command")
+    try:
+        return TaskRequest(
+            command=_parse_command(command),
+            timeout=_parse_timeout(obj.get("timeout"), timeout_unit),
+            id=request_id,
+        )
+    except BadRequest as e:
+        raise BadRequest(e.message, command=command, id=request_id) from None
+
+
+def _parse_id(obj: dict) -> str | None:
+    request_id = obj.get("id")
+    if request_id is None or isinstance(request_id, str):
+        return request_id
+    raise BadRequest(f'"id" must be a string, not {_json_type(request_id)}')
+
+
+def _parse_command(command: Any) -> tuple[str, ...]:
+    if command is None:
+        raise BadRequest('"command" is missing')
+    if not isinstance(command, list):
+        raise BadRequest(f'"command" must be a list of strings, not {_json_type(command)}')
+    if not command:
+        raise BadRequest('"command" must not be empty')
+    for index, arg in enumerate(command):
+        if not isinstance(arg, str):
+            raise BadRequest(f'"command"[{index}] must be a string, not {_json_type(arg)}')
+        if "\0" in arg:
+            raise BadRequest(f'"command"[{index}] contains a NUL character')
+    if not command[0]:
+        raise BadRequest('"command"[0] must not be empty')
+    return tuple(command)
+
+
+def _parse_timeout(timeout: Any, unit: str) -> float | None:
+    """0 or missing means no timeout; anything else is converted to seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise BadRequest(f'"timeout" must be a number, not {_json_type(timeout)}')
+    if not math.isfinite(timeout) or timeout < 0:
+        raise BadRequest(f'"timeout" must be a non-negative number, not {timeout!r}')
+    if timeout == 0:
+        return None
+    return timeout * TIMEOUT_UNITS[unit]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def encode_result(command: Any, outcome: Outcome, output: str | None,
+                  request_id: str | None = None) -> bytes:
+    """One result line (with its newline) for a task that was attempted.
+
+    A task that never started carries no executed_at, duration_ms or output,
+    so a scheduler cannot mistake it for a program that ran and failed.
+    """
+    result: dict[str, Any] = {"command": command}
+    if outcome.started:
+        result["executed_at"] = int(outcome.started_at)
+        result["duration_ms"] = round(outcome.duration_ms, 3)
+    result["exit_code"] = outcome.exit_code
+    if outcome.started:
+        result["output"] = output if output is not None else ""
+    result["error"] = outcome.error
+    return _line(result, request_id)
+
+
+def encode_error(message: str, command: Any = None, request_id: str | None = None) -> bytes:
+    """One result line for a request that was refused before anything ran."""
+    return _line({"command": command, "exit_code": -1, "error": message}, request_id)
+
+
+def _line(result: dict[str, Any], request_id: str | None) -> bytes:
+    if request_id is not None:
+        result["id"] = request_id
+    return json.dumps(result, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8") + b"\n"

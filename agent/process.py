@@ -1,0 +1,201 @@
+"""The runner: one child process group, its output, its timeout, its end.
+
+A TaskProcess knows nothing of JSON, HTTP or SQL. It hands every chunk of
+output to a sink, enforces the timeout with clock.callLater, kills the whole
+group when the agent ends the task, and fires `ended` exactly once with an
+Outcome.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable, Mapping, Protocol, Sequence
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from agent.outcome import Ending, Outcome, signal_name
+from agent.spawn import spawn_in_group
+
+DRAIN_GRACE = 0.5
+"""Seconds to keep reading after the main process exits while something it
+left behind still holds stdout open; then the group is killed."""
+
+TIMEOUT_ERROR = "timeout exceeded"
+
+log = Logger()
+
+
+class OutputSink(Protocol):
+    def received(self, fd: int, data: bytes) -> None: ...
+
+
+class StdoutCollector:
+    """Keeps stdout as chunks joined once at the end; stderr is only counted."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.sizes = {1: 0, 2: 0}
+
+    def received(self, fd: int, data: bytes) -> None:
+        self.sizes[fd] = self.sizes.get(fd, 0) + len(data)
+        if fd == 1:
+            self.chunks.append(data)
+
+    def text(self) -> str:
+        """stdout decoded as UTF-8, invalid bytes replaced, so JSON stays valid."""
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is already empty
+
+
+class TaskProcess(ProcessProtocol):
+    """Runs one child in its own process group and fires `ended` with an Outcome."""
+
+    def __init__(self, clock, sink: OutputSink, timeout: float | None = None,
+                 drain_grace: float = DRAIN_GRACE,
+                 killpg: Callable[[int, int], None] = _killpg):
+        self._clock = clock
+        self._sink = sink
+        self._timeout = timeout
+        self._drain_grace = drain_grace
+        self._killpg = killpg
+        self._timers: dict[str, object] = {}
+        self._exit_status: error.ProcessTerminated | error.ProcessDone | None = None
+        self._forced: tuple[Ending, str] | None = None
+        self.ended: Deferred[Outcome] = Deferred()
+        self.finished = False
+        self.pid: int | None = None
+        # The clock starts as the spawn begins: a short child may already be
+        # reaped by the time connectionMade runs.
+        self.started_at: float = clock.seconds()
+
+    # -- the child's life, as Twisted reports it
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+        if self._timeout:
+            self._arm("timeout", self._timeout, self._end_by_agent, Ending.TIMED_OUT, TIMEOUT_ERROR)
+
+    def childDataReceived(self, fd, data):
+        if not self.finished:
+            self._sink.received(fd, data)
+
+    def processExited(self, reason):
+        self._exit_status = reason.value
+        self._ended_at = self._clock.seconds()
+        if not self.finished:
+            self._arm("drain", self._drain_grace, self._stop_draining)
+
+    def processEnded(self, reason):
+        if self._exit_status is None:
+            self.processExited(reason)
+        self._finish()
+
+    # -- the agent's side
+
+    def cancel(self, error_message: str = "cancelled", grace: float = 0.0) -> None:
+        """End the task: SIGTERM and SIGKILL after grace seconds, or SIGKILL now."""
+        if self.finished or self._forced:
+            return
+        if grace > 0 and self._exit_status is None:
+            self._forced = (Ending.CANCELLED, error_message)
+            self._signal_group(signal.SIGTERM)
+            self._arm("kill", grace, self._kill_and_finish)
+        else:
+            self._end_by_agent(Ending.CANCELLED, error_message)
+
+    def _end_by_agent(self, ending: Ending, message: str) -> None:
+        self._forced = (ending, message)
+        self._ended_at = self._clock.seconds()
+        self._kill_and_finish()
+
+    def _stop_draining(self) -> None:
+        log.info("task pid {pid} exited but its group still held its output open; killing it",
+                 pid=self.pid)
+        self._kill_and_finish()
+
+    def _kill_and_finish(self) -> None:
+        self._signal_group(signal.SIGKILL)
+        self._close_pipes()
+        self._finish()
+
+    # -- helpers
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        self._signal_group(signal.SIGKILL)  # nothing the task left behind outlives it
+        self.ended.callback(self._outcome())
+
+    def _outcome(self) -> Outcome:
+        duration_ms = (getattr(self, "_ended_at", self._clock.seconds()) - self.started_at) * 1000.0
+        common = dict(pid=self.pid, started_at=self.started_at, duration_ms=max(duration_ms, 0.0))
+        if self._forced:
+            ending, message = self._forced
+            return Outcome(ending, -1, message, **common)
+        status = self._exit_status
+        if getattr(status, "signal", None) is not None:
+            number = status.signal
+            return Outcome(Ending.SIGNALLED, 128 + number,
+                           f"killed by signal {number} ({signal_name(number)})",
+                           signal=number, **common)
+        return Outcome(Ending.EXITED, status.exitCode or 0, "", **common)
+
+    def _arm(self, name: str, delay: float, fn, *args) -> None:
+        self._timers[name] = self._clock.callLater(delay, fn, *args)
+
+    def _signal_group(self, sig: int) -> None:
+        if self.pid is not None:
+            self._killpg(self.pid, sig)
+
+    def _close_pipes(self) -> None:
+        try:
+            self.transport.loseConnection()
+        except Exception:  # pragma: no cover - the pipes are gone already
+            log.failure("closing pipes of pid {pid}", pid=self.pid)
+
+
+_devnull_fd: int | None = None
+
+
+def _devnull() -> int:
+    """One /dev/null descriptor, opened on first use, serves every child's stdin."""
+    global _devnull_fd
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull_fd
+
+
+def start_task(reactor, argv: Sequence[str], sink: OutputSink, timeout: float | None = None,
+               env: Mapping[str, str] | None = None, cwd: str | None = None,
+               spawn=spawn_in_group, **runner_options) -> TaskProcess:
+    """Start argv; the returned runner's `ended` fires with the Outcome.
+
+    A task that cannot start gets an Outcome at once (START_FAILED) whose
+    error carries the operating system's reason.
+    """
+    runner = TaskProcess(reactor, sink, timeout, **runner_options)
+    try:
+        spawn(reactor, runner, argv, env=env, cwd=cwd, child_fds={0: _devnull(), 1: "r", 2: "r"})
+    except (OSError, ValueError) as e:
+        runner.finished = True
+        runner.ended.callback(Outcome.start_failed(_start_error(argv[0], e)))
+    return runner
+
+
+def _start_error(argv0: str, e: Exception) -> str:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"cannot start {argv0!r}: {reason}"

@@ -1,0 +1,151 @@
+"""The TCP door: newline-delimited JSON requests in, one result line per request out.
+
+The protocol holds no task state beyond "which of my tasks are pending", so
+it can cancel them when its client goes away.
+"""
+from __future__ import annotations
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from agent.engine import Busy, Engine, Lane, Task
+from agent.messages import BUSY_ERROR, BadRequest, encode_error, encode_result, parse_request
+from agent.outcome import Outcome
+from agent.process import StdoutCollector
+
+PROBE_INTERVAL = 0.25
+"""Seconds between keep-alive spaces after the client's EOF: a write is the
+only way to tell a half-close (results still wanted) from a peer that left."""
+
+log = Logger()
+
+
+@implementer(IHalfCloseableProtocol)
+class TaskLineProtocol(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self, engine: Engine, lane: Lane, timeout_unit: str, max_line: int, clock):
+        self.MAX_LENGTH = max_line
+        self._engine = engine
+        self._lane = lane
+        self._timeout_unit = timeout_unit
+        self._clock = clock
+        self._pending: set[Task] = set()
+        self._read_closed = False
+        self._gone = False
+        self._skipping_long_line = False
+        self._after_long_line = b""
+        self._probe: LoopingCall | None = None
+
+    # -- bytes to lines, surviving over-long lines
+
+    def dataReceived(self, data: bytes):
+        while data:
+            if self._skipping_long_line:
+                end = data.find(self.delimiter)
+                if end < 0:
+                    return
+                self._skipping_long_line = False
+                data = data[end + 1:]
+            super().dataReceived(data)
+            data, self._after_long_line = self._after_long_line, b""
+
+    def lineLengthExceeded(self, buffered: bytes):
+        """Answer the over-long line with an error and go on with the next one."""
+        self._send(encode_error(f"request line is longer than {self.MAX_LENGTH} bytes"))
+        end = buffered.find(self.delimiter)
+        if end < 0:
+            self._skipping_long_line = True
+        else:
+            self._after_long_line = buffered[end + 1:]
+
+    # -- lines to tasks
+
+    def lineReceived(self, line: bytes):
+        if not line.strip():
+            return
+        try:
+            request = parse_request(line.rstrip(b"\r"), self._timeout_unit)
+        except BadRequest as e:
+            self._send(encode_error(e.message, e.command, e.id))
+            return
+        try:
+            task = self._engine.submit(request, self._lane, StdoutCollector(), source="tcp")
+        except Busy:
+            self._send(encode_error(BUSY_ERROR, list(request.command), request.id))
+            return
+        self._pending.add(task)
+        task.result.addCallback(self._deliver, task)
+
+    def _deliver(self, outcome: Outcome, task: Task) -> None:
+        self._pending.discard(task)
+        if self._gone:
+            return
+        output = task.sink.text() if outcome.started else None
+        self._send(encode_result(list(task.request.command), outcome, output, task.request.id))
+        self._close_when_done()
+
+    def _send(self, line: bytes) -> None:
+        if not self._gone:
+            self.transport.write(line)
+
+    # -- the client going away, or only closing its side
+
+    def readConnectionLost(self):
+        self._read_closed = True
+        if self._pending:
+            self._probe = LoopingCall(self.transport.write, b" ")
+            self._probe.clock = self._clock
+            self._probe.start(PROBE_INTERVAL, now=False)
+        self._close_when_done()
+
+    def writeConnectionLost(self):
+        self.transport.loseConnection()
+
+    def _close_when_done(self) -> None:
+        if self._read_closed and not self._pending:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self._gone = True
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
+        pending, self._pending = self._pending, set()
+        if pending:
+            log.info("client {peer} went away; ending its {n} pending task(s)",
+                     peer=_describe(self.transport.getPeer()), n=len(pending))
+        for task in pending:
+            task.cancel("client disconnected")
+
+
+class TaskLineFactory(Factory):
+    """Builds one TaskLineProtocol per connection, all sharing one engine and lane."""
+
+    noisy = False
+
+    def __init__(self, engine: Engine, lane: Lane, timeout_unit: str = "s",
+                 max_line: int = 1 << 20, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.engine = engine
+        self.lane = lane
+        self.timeout_unit = timeout_unit
+        self.max_line = max_line
+        self.clock = clock
+
+    def buildProtocol(self, addr):
+        protocol = TaskLineProtocol(self.engine, self.lane, self.timeout_unit, self.max_line,
+                                    self.clock)
+        protocol.factory = self
+        return protocol
+
+
+def _describe(address) -> str:
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        return str(getattr(address, "name", address))
+    return f"{host}:{port}"
