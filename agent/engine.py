@@ -97,7 +97,13 @@ class Engine:
 
     def cancel_all(self, message: str) -> None:
         """End every live task now; used when the agent shuts down."""
-        for task in list(self.live.values()):
+        self.cancel_many(self.live.values(), message)
+
+    @staticmethod
+    def cancel_many(tasks, message: str) -> None:
+        """End several tasks at once: queued ones first, so a slot freed by a
+        killed task cannot start one that is about to be dropped."""
+        for task in sorted(tasks, key=lambda t: t.runner is not None):
             task.cancel(message)
 
     def _start(self, _, task: Task, lane: Lane, env, cwd) -> None:
@@ -115,18 +121,20 @@ class Engine:
         self._settle(task, Outcome(Ending.CANCELLED, -1, "cancelled before it started"))
 
     def _finished(self, outcome: Outcome, task: Task, lane: Lane) -> None:
-        lane.release()
         log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
                  id=task.request.id or task.id, argv0=task.request.command[0],
                  ending=outcome.ending.value, exit_code=outcome.exit_code,
                  duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))
-        self._settle(task, outcome)
+        self._settle(task, outcome, lane)
 
-    def _settle(self, task: Task, outcome: Outcome) -> None:
+    def _settle(self, task: Task, outcome: Outcome, lane: Lane | None = None) -> None:
+        """Record the end, then free the slot, then answer: observers see A end before B starts."""
         del self.live[task.id]
         task.outcome = outcome
         task.state = "finished"
         self._notify(task)
+        if lane is not None:
+            lane.release()
         task.result.callback(outcome)
 
     def _notify(self, task: Task) -> None:

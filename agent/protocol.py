@@ -108,18 +108,21 @@ class TaskLineProtocol(LineReceiver):
 
     def _close_when_done(self) -> None:
         if self._read_closed and not self._pending:
+            self._stop_probing()
             self.transport.loseConnection()
+
+    def _stop_probing(self) -> None:
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
 
     def connectionLost(self, reason):
         self._gone = True
-        if self._probe is not None and self._probe.running:
-            self._probe.stop()
+        self._stop_probing()
         pending, self._pending = self._pending, set()
         if pending:
             log.info("client {peer} went away; ending its {n} pending task(s)",
                      peer=_describe(self.transport.getPeer()), n=len(pending))
-        for task in pending:
-            task.cancel("client disconnected")
+        self._engine.cancel_many(pending, "client disconnected")
 
 
 class TaskLineFactory(Factory):

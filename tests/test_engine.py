@@ -1,0 +1,101 @@
+"""The engine's rules: lanes reject or queue FIFO, cancel, shutdown, observers."""
+from __future__ import annotations
+
+from twisted.internet import task
+from twisted.trial.unittest import SynchronousTestCase
+
+from agent.engine import Busy, Engine, Lane
+from agent.messages import TaskRequest
+from agent.outcome import Ending
+from agent.process import StdoutCollector, start_task
+from tests.fakes import FakeSpawner, KillRecorder, exit_with
+
+
+class EngineTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.spawn = FakeSpawner()
+        self.kills = KillRecorder()
+        self.engine = Engine(self.clock, start=self._start)
+        self.seen: list[tuple[str, str]] = []
+        self.engine.observers.append(lambda t: self.seen.append((t.request.command[0], t.state)))
+
+    def _start(self, reactor, argv, sink, **kwargs):
+        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills, **kwargs)
+
+    def submit(self, lane, name="cmd", timeout=None):
+        return self.engine.submit(TaskRequest((name,), timeout), lane, StdoutCollector())
+
+    def test_rejecting_lane_refuses_while_full_and_frees_on_exit(self):
+        lane = Lane(1)
+        first = self.submit(lane)
+        self.assertRaises(Busy, self.submit, lane)
+        exit_with(self.spawn.protocol(), 0)
+        self.assertEqual(self.successResultOf(first.result).exit_code, 0)
+        self.submit(lane)
+        self.assertEqual(len(self.spawn.spawned), 2)
+
+    def test_lane_is_freed_by_a_start_failure(self):
+        lane = Lane(1)
+        self.spawn.fail_with = FileNotFoundError(2, "No such file or directory")
+        failed = self.submit(lane)
+        self.assertEqual(self.successResultOf(failed.result).ending, Ending.START_FAILED)
+        self.spawn.fail_with = None
+        self.submit(lane)
+        self.assertEqual(lane.running, 1)
+
+    def test_lane_is_freed_by_a_timeout(self):
+        lane = Lane(1)
+        self.submit(lane, timeout=1)
+        self.clock.advance(1)
+        self.assertEqual(lane.running, 0)
+
+    def test_queueing_lane_starts_waiters_in_arrival_order(self):
+        lane = Lane(1, queue=True)
+        tasks = [self.submit(lane, name) for name in ("a", "b", "c")]
+        self.assertEqual([argv[0] for argv, _ in self.spawn.spawned], ["a"])
+        self.assertEqual([t.state for t in tasks], ["running", "queued", "queued"])
+        exit_with(self.spawn.protocol(0))
+        exit_with(self.spawn.protocol(1))
+        self.assertEqual([argv[0] for argv, _ in self.spawn.spawned], ["a", "b", "c"])
+
+    def test_unlimited_lane_never_waits(self):
+        lane = Lane(0)
+        for _ in range(50):
+            self.submit(lane)
+        self.assertEqual(len(self.spawn.spawned), 50)
+
+    def test_cancelling_a_queued_task_drops_it_without_starting(self):
+        lane = Lane(1, queue=True)
+        self.submit(lane, "a")
+        queued = self.submit(lane, "b")
+        queued.cancel("client disconnected")
+        outcome = self.successResultOf(queued.result)
+        self.assertEqual((outcome.ending, outcome.started), (Ending.CANCELLED, False))
+        exit_with(self.spawn.protocol(0))
+        self.assertEqual(len(self.spawn.spawned), 1, "a dropped task must never start")
+        self.assertEqual(lane.running, 0)
+
+    def test_cancel_all_ends_running_and_queued_tasks(self):
+        lane = Lane(1, queue=True)
+        running, queued = self.submit(lane, "a"), self.submit(lane, "b")
+        self.engine.cancel_all("agent shutting down")
+        self.assertEqual(self.successResultOf(running.result).error, "agent shutting down")
+        self.assertEqual(self.successResultOf(queued.result).ending, Ending.CANCELLED)
+        self.assertEqual(self.engine.live, {})
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_registry_holds_only_live_tasks(self):
+        lane = Lane(0)
+        t = self.submit(lane)
+        self.assertIn(t.id, self.engine.live)
+        exit_with(self.spawn.protocol())
+        self.assertNotIn(t.id, self.engine.live)
+
+    def test_observers_see_each_state_change(self):
+        lane = Lane(1, queue=True)
+        self.submit(lane, "a")
+        self.submit(lane, "b")
+        exit_with(self.spawn.protocol(0))
+        self.assertEqual(self.seen, [("a", "queued"), ("a", "running"), ("b", "queued"),
+                                     ("a", "finished"), ("b", "running")])
