@@ -1,0 +1,152 @@
+"""A real `twistd -n agent` in a subprocess, found by the ports it logs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.procs import session_members, wait_until_empty
+
+REPO = Path(__file__).resolve().parents[2]
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+LISTENING = re.compile(r"(?P<what>[\w ]+?) listening on (?P<host>[\d.]+):(?P<port>\d+)")
+
+
+class AgentProcess:
+    """One agent process; its own session, so a test can prove nothing outlived it."""
+
+    def __init__(self, args, cwd, doors=("TCP task protocol",), startup_timeout=15.0):
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "agent", *args], cwd=cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_default_sigint)
+        self.log_lines: list[str] = []
+        self.ports: dict[str, int] = {}
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read_log, daemon=True).start()
+        self._wait_for(lambda: all(d in self.ports for d in doors), startup_timeout,
+                       f"agent did not report listening for {doors}")
+
+    def _read_log(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._changed:
+                self.log_lines.append(line)
+                match = LISTENING.search(line)
+                if match:
+                    self.ports[match["what"].strip()] = int(match["port"])
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait_for(self, predicate, timeout, message):
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate():
+                if self.proc.poll() is not None and not predicate():
+                    raise AssertionError(f"{message}; agent exited:\n" + self.log)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{message}:\n" + self.log)
+                self._changed.wait(min(left, 0.1))
+
+    def wait_for_log(self, text: str, timeout: float = 10.0):
+        self._wait_for(lambda: any(text in line for line in self.log_lines), timeout,
+                       f"log never said {text!r}")
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.log_lines)
+
+    @property
+    def tcp_port(self) -> int:
+        return self.ports["TCP task protocol"]
+
+    def connect(self, timeout: float = 30.0) -> "LineClient":
+        return LineClient(socket.create_connection(("127.0.0.1", self.tcp_port), timeout=timeout))
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_everything()
+            raise AssertionError("agent did not exit after " + signal.Signals(sig).name)
+
+    def kill_everything(self):
+        """Teardown of last resort: the agent's whole session, task groups included."""
+        for pid in session_members(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(5)
+
+    def survivors(self, timeout: float = 5.0) -> list[int]:
+        return wait_until_empty(session_members, self.proc.pid, timeout)
+
+
+def _default_sigint():
+    """As from a terminal: a background CI job would hand the agent SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class LineClient:
+    """A blocking newline-JSON client, as a scheduler would be."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def send(self, *requests) -> None:
+        data = b"".join(r if isinstance(r, bytes) else json.dumps(r).encode() + b"\n"
+                        for r in requests)
+        self.sock.sendall(data)
+
+    def receive(self) -> dict:
+        line = self.reader.readline()
+        if not line:
+            raise EOFError("agent closed the connection")
+        return json.loads(line)
+
+    def receive_many(self, n: int) -> list[dict]:
+        return [self.receive() for _ in range(n)]
+
+    def half_close(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    """start_agent(*args) -> AgentProcess; each is stopped and checked for survivors."""
+    agents: list[AgentProcess] = []
+
+    def start(*args, cwd=None, doors=("TCP task protocol",)):
+        agent = AgentProcess(["--listen", "tcp:0:interface=127.0.0.1", *args],
+                             cwd or tmp_path, doors)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        if agent.proc.poll() is None:
+            agent.stop()
+        leftovers = agent.survivors()
+        if leftovers:
+            agent.kill_everything()
+        assert not leftovers, f"processes outlived the agent: {leftovers}"

@@ -1,0 +1,269 @@
+"""The TCP agent as a scheduler sees it: a real twistd process and a real socket."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.conftest import REPO, TWISTD, LineClient
+from tests.procs import group_members, processes_where, wait_until_empty
+
+REFERENCE_INPUT = REPO / "examples" / "input.json"
+
+
+def _reference_requests():
+    return [json.loads(line) for line in REFERENCE_INPUT.read_text().splitlines() if line.strip()]
+
+
+def _send_paced(client, requests, pace_s=0.2):
+    """What seed A's reference scheduler does: one line every 200 ms, no waiting."""
+    for i, request in enumerate(requests):
+        if i:
+            time.sleep(pace_s)
+        client.send(request)
+    return client.receive_many(len(requests))
+
+
+@pytest.fixture
+def cmd_dir(tmp_path):
+    shutil.copy(REPO / "examples" / "cmd", tmp_path / "cmd")
+    return tmp_path
+
+
+def test_reference_scenario_in_milliseconds(start_agent, cmd_dir):
+    agent = start_agent("--timeout-unit", "ms", cwd=cmd_dir)
+    results = _send_paced(agent.connect(), _reference_requests())
+    by_command = {tuple(r["command"]): r for r in results}
+    first, second, third, fourth = (by_command[tuple(r["command"])] for r in _reference_requests())
+    assert first["exit_code"] == 0 and first["error"] == "" and first["output"].strip()
+    assert second["error"] == third["error"] == "cannot allow concurrent executions"
+    assert second["exit_code"] == third["exit_code"] == -1
+    assert fourth["exit_code"] == -1 and fourth["error"] == "timeout exceeded"
+
+
+def test_reference_scenario_in_seconds_lets_the_fourth_finish(start_agent, cmd_dir):
+    agent = start_agent(cwd=cmd_dir)
+    results = _send_paced(agent.connect(), _reference_requests())
+    fourth = next(r for r in results if r["command"] == ["./cmd", "-w", "200"])
+    assert fourth["exit_code"] == 0 and fourth["error"] == ""
+
+
+def test_parallel_zero_runs_pipelined_tasks_at_once(start_agent):
+    agent = start_agent("--parallel", "0")
+    client = agent.connect()
+    started = time.monotonic()
+    client.send(*({"command": ["sleep", "0.8"], "id": str(i)} for i in range(10)))
+    results = client.receive_many(10)
+    elapsed = time.monotonic() - started
+    assert sorted(r["id"] for r in results) == [str(i) for i in range(10)]
+    assert all(r["exit_code"] == 0 for r in results)
+    assert elapsed < 2.0, f"10 pipelined 0.8 s tasks took {elapsed:.2f} s"
+
+
+def test_three_hundred_sequential_tasks_on_one_connection(start_agent):
+    agent = start_agent()
+    client = agent.connect()
+    for i in range(300):
+        client.send({"command": ["echo", str(i)]})
+        result = client.receive()
+        assert (result["exit_code"], result["output"]) == (0, f"{i}\n")
+
+
+def test_queue_mode_runs_tasks_in_arrival_order(start_agent, tmp_path):
+    agent = start_agent("--when-busy", "queue")
+    client = agent.connect()
+    order = tmp_path / "order"
+    client.send(*({"command": ["sh", "-c", f"sleep 0.05; echo {i} >> {order}"], "id": str(i)}
+                  for i in range(8)))
+    results = client.receive_many(8)
+    assert [r["id"] for r in results] == [str(i) for i in range(8)]
+    assert order.read_text().split() == [str(i) for i in range(8)]
+
+
+def test_queued_tasks_from_two_connections_share_one_slot(start_agent):
+    agent = start_agent("--when-busy", "queue")
+    first, second = agent.connect(), agent.connect()
+    first.send({"command": ["sleep", "0.3"]})
+    time.sleep(0.1)
+    started = time.monotonic()
+    second.send({"command": ["true"]})
+    assert second.receive()["exit_code"] == 0
+    assert time.monotonic() - started > 0.1, "the second connection did not wait for the slot"
+    assert first.receive()["exit_code"] == 0
+
+
+def test_fifty_mebibytes_of_output_arrive_intact(start_agent):
+    agent = start_agent()
+    client = agent.connect()
+    size = 50 * 1024 * 1024
+    script = f"import sys; sys.stdout.buffer.write(bytes(range(32, 127)) * ({size} // 95) + b'x' * ({size} % 95))"
+    client.send({"command": [sys.executable, "-c", script]})
+    result = client.receive()
+    assert result["exit_code"] == 0
+    expected = (bytes(range(32, 127)) * (size // 95) + b"x" * (size % 95))
+    assert hashlib.sha256(result["output"].encode()).hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
+def test_non_utf8_output_is_replaced_and_the_line_stays_json(start_agent):
+    agent = start_agent()
+    client = agent.connect()
+    client.send({"command": ["printf", "ok\\377\\376end"]})
+    assert client.receive()["output"] == "ok\ufffd\ufffdend"
+
+
+def test_bad_lines_get_errors_and_the_connection_stays_usable(start_agent):
+    agent = start_agent("--max-line", "1000")
+    client = agent.connect()
+    client.send(b"{nope\n", b"[]\n", b"\n", b'{"command": 1}\r\n', b"x" * 5000 + b"\n",
+                {"command": ["echo", "still here"]})
+    errors = client.receive_many(4)
+    assert all(e["exit_code"] == -1 and e["error"] for e in errors)
+    assert "longer than 1000 bytes" in errors[3]["error"]
+    assert client.receive()["output"] == "still here\n"
+
+
+def test_missing_binary_is_a_start_failure_not_an_exit_code(start_agent):
+    agent = start_agent()
+    client = agent.connect()
+    client.send({"command": ["./no-such-program"], "id": "m"}, {"command": ["sh", "-c", "exit 1"]})
+    missing, exits_one = client.receive(), client.receive()
+    assert missing == {"command": ["./no-such-program"], "exit_code": -1, "id": "m",
+                       "error": "cannot start './no-such-program': No such file or directory"}
+    assert exits_one["exit_code"] == 1 and exits_one["error"] == "" and "executed_at" in exits_one
+
+
+def test_timeout_of_a_shell_whose_grandchild_holds_stdout(start_agent):
+    agent = start_agent()
+    client = agent.connect()
+    started = time.monotonic()
+    client.send({"command": ["sh", "-c", "(sleep 60; echo late) & echo early; sleep 60"],
+                 "timeout": 0.5})
+    result = client.receive()
+    assert time.monotonic() - started < 5
+    assert (result["exit_code"], result["error"], result["output"]) == (-1, "timeout exceeded",
+                                                                        "early\n")
+    assert not wait_until_empty(lambda sid: [p for p in processes_where(3, sid)
+                                             if p != agent.proc.pid], agent.proc.pid)
+
+
+def test_disconnect_kills_the_running_group_within_a_second(start_agent):
+    agent = start_agent()
+    client = agent.connect()
+    client.send({"command": ["sh", "-c", "sleep 60 & sleep 60"]})
+    sleepers = _wait_for_children(agent, 2)
+    pgid = os.getpgid(sleepers[0])
+    client.close()
+    assert not wait_until_empty(group_members, pgid, timeout=1.5)
+    # the node is free again at once
+    assert agent.connect().send({"command": ["true"]}) is None
+
+
+def test_half_close_still_delivers_pending_results(start_agent):
+    agent = start_agent("--parallel", "0")
+    client = agent.connect()
+    client.send({"command": ["sh", "-c", "sleep 1; echo done"], "id": "slow"},
+                {"command": ["echo", "fast"], "id": "fast"})
+    client.half_close()
+    results = client.receive_many(2)
+    assert {r["id"]: r["output"] for r in results} == {"slow": "done\n", "fast": "fast\n"}
+    assert client.reader.read() == b"", "the agent closes once every result is sent"
+
+
+def test_sigterm_exits_zero_and_leaves_no_children(start_agent):
+    agent = start_agent("--parallel", "0")
+    client = agent.connect()
+    client.send({"command": ["sh", "-c", "sleep 60 & sleep 60"]}, {"command": ["sleep", "60"]})
+    _wait_for_children(agent, 3)
+    assert agent.stop(signal.SIGTERM) == 0
+    assert not agent.survivors()
+
+
+def test_sigint_exits_zero_too(start_agent):
+    agent = start_agent()
+    assert agent.stop(signal.SIGINT) == 0
+
+
+def test_help_lists_every_option_with_its_default():
+    out = subprocess.run([*TWISTD, "agent", "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), check=True).stdout
+    for option, default in [("--listen", "tcp:3000:interface=127.0.0.1"), ("--timeout-unit", "s"),
+                            ("--parallel", "1"), ("--when-busy", "reject"),
+                            ("--max-line", "1048576")]:
+        assert option in out and f"[default: {default}]" in " ".join(out.split())
+
+
+def test_tac_file_builds_the_same_agent(tmp_path):
+    proc = subprocess.run([*TWISTD, "--help"], capture_output=True)  # twistd itself importable
+    assert proc.returncode == 0
+    namespace: dict = {}
+    exec(compile((REPO / "agent.tac").read_text(), "agent.tac", "exec"), namespace)
+    from twisted.application.service import IServiceCollection
+    services = list(IServiceCollection(namespace["application"]))
+    assert services and services[0].engine is not None
+
+
+def test_port_in_use_fails_start_up(start_agent, tmp_path):
+    agent = start_agent()
+    proc = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "agent", "--listen", f"tcp:{agent.tcp_port}:interface=127.0.0.1"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode != 0
+    assert "Address already in use" in proc.stdout + proc.stderr
+
+
+def _wait_for_children(agent, n, timeout=10.0):
+    """PIDs of the agent's task processes, once at least n of them run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = [p for p in processes_where(3, agent.proc.pid) if p != agent.proc.pid]
+        if len(children) >= n:
+            return children
+        time.sleep(0.02)
+    raise AssertionError(f"expected {n} task processes, saw {children}")
+
+
+def test_ssl_endpoint_serves_the_same_protocol(start_agent, tmp_path):
+    import ssl
+    key_path, cert_path = _self_signed_certificate(tmp_path)
+    agent = start_agent("--listen", f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}")
+    context = ssl.create_default_context(cafile=str(cert_path))
+    context.check_hostname = False
+    raw = socket.create_connection(("127.0.0.1", agent.tcp_port), timeout=30)
+    client = LineClient(context.wrap_socket(raw))
+    client.send({"command": ["echo", "over tls"]})
+    assert client.receive()["output"] == "over tls\n"
+    client.close()
+
+
+def _self_signed_certificate(directory):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
