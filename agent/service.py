@@ -24,6 +24,9 @@ class Options(usage.Options):
         ["when-busy", None, "reject",
          "Over --parallel: reject (answer 'cannot allow concurrent executions' at once) or queue (FIFO)."],
         ["max-line", None, 1 << 20, "Longest request line in bytes; longer ones get an error result.", int],
+        ["max-output-bytes", None, 256 << 20,
+         "Most stdout bytes one TCP task may write; beyond it the task is killed "
+         "('output limit exceeded') and its result holds the first bytes.", int],
     ]
 
     def postOptions(self):
@@ -35,6 +38,8 @@ class Options(usage.Options):
             raise usage.UsageError("--when-busy must be reject or queue")
         if self["max-line"] < 64:
             raise usage.UsageError("--max-line must be at least 64 bytes")
+        if self["max-output-bytes"] < 1:
+            raise usage.UsageError("--max-output-bytes must be at least 1")
 
 
 class AgentService(MultiService):
@@ -56,20 +61,26 @@ class AgentService(MultiService):
 
 
 class _LoggedEndpointService(StreamServerEndpointService):
-    """Says where it listens (port 0 picks a free one) and fails start-up if it cannot."""
+    """Says where it listens (port 0 picks a free one) and fails start-up if it cannot.
+
+    The line is logged once the reactor runs, after its signal handlers are
+    installed, so whoever waits for it may SIGTERM the agent at once.
+    """
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint, factory, what: str):
+    def __init__(self, endpoint, factory, what: str, reactor):
         super().__init__(endpoint, factory)
         self._what = what
+        self._reactor = reactor
 
     def privilegedStartService(self):
         super().privilegedStartService()
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):
-        log.info("{what} listening on {address}", what=self._what, address=_describe(port.getHost()))
+        self._reactor.callWhenRunning(log.info, "{what} listening on {address}", what=self._what,
+                                      address=_describe(port.getHost()))
         return port
 
 
@@ -79,8 +90,9 @@ def makeService(options: Options, reactor=None) -> AgentService:
     engine = Engine(reactor)
     agent = AgentService(engine, reactor)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue")
-    factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"], reactor)
+    factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"], reactor,
+                              max_output=options["max-output-bytes"])
     tcp = _LoggedEndpointService(serverFromString(reactor, options["listen"]), factory,
-                                 "TCP task protocol")
+                                 "TCP task protocol", reactor)
     tcp.setServiceParent(agent)
     return agent
