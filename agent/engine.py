@@ -7,7 +7,7 @@ lives here.
 from __future__ import annotations
 
 import uuid
-from typing import Callable, Mapping
+from typing import Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.logger import Logger
@@ -83,15 +83,18 @@ class Engine:
         self.observers: list[Callable[[Task], None]] = []
 
     def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
-               env: Mapping[str, str] | None = None, cwd: str | None = None) -> Task:
-        """Queue or start a task; raise Busy when the lane is full and rejects."""
+               **run_options) -> Task:
+        """Queue or start a task; raise Busy when the lane is full and rejects.
+
+        run_options (env, cwd, output_limit, ...) go to the runner unchanged.
+        """
         slot = lane.acquire()
         task = Task(request, source, sink, uuid.uuid4().hex)
         self.live[task.id] = task
         self._notify(task)
         if not slot.called:
             task._waiting_for_slot = slot
-        slot.addCallbacks(self._start, self._dropped, callbackArgs=(task, lane, env, cwd),
+        slot.addCallbacks(self._start, self._dropped, callbackArgs=(task, lane, run_options),
                           errbackArgs=(task,))
         return task
 
@@ -106,11 +109,11 @@ class Engine:
         for task in sorted(tasks, key=lambda t: t.runner is not None):
             task.cancel(message)
 
-    def _start(self, _, task: Task, lane: Lane, env, cwd) -> None:
+    def _start(self, _, task: Task, lane: Lane, run_options) -> None:
         task._waiting_for_slot = None
         task.state = "running"
         task.runner = self._start_task(self._reactor, task.request.command, task.sink,
-                                       timeout=task.request.timeout, env=env, cwd=cwd)
+                                       timeout=task.request.timeout, **run_options)
         if not task.runner.finished:
             self._notify(task)
         task.runner.ended.addCallback(self._finished, task, lane)

@@ -13,6 +13,7 @@ class Ending(str, enum.Enum):
     SIGNALLED = "signalled"
     TIMED_OUT = "timeout"
     CANCELLED = "cancelled"
+    OUTPUT_LIMIT = "output_limit"
     START_FAILED = "start_failed"
 
 

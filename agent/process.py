@@ -24,6 +24,7 @@ DRAIN_GRACE = 0.5
 left behind still holds stdout open; then the group is killed."""
 
 TIMEOUT_ERROR = "timeout exceeded"
+OUTPUT_LIMIT_ERROR = "output limit exceeded"
 
 log = Logger()
 
@@ -60,11 +61,12 @@ class TaskProcess(ProcessProtocol):
     """Runs one child in its own process group and fires `ended` with an Outcome."""
 
     def __init__(self, clock, sink: OutputSink, timeout: float | None = None,
-                 drain_grace: float = DRAIN_GRACE,
+                 output_limit: int | None = None, drain_grace: float = DRAIN_GRACE,
                  killpg: Callable[[int, int], None] = _killpg):
         self._clock = clock
         self._sink = sink
         self._timeout = timeout
+        self._stdout_left = output_limit
         self._drain_grace = drain_grace
         self._killpg = killpg
         self._timers: dict[str, object] = {}
@@ -85,8 +87,15 @@ class TaskProcess(ProcessProtocol):
             self._arm("timeout", self._timeout, self._end_by_agent, Ending.TIMED_OUT, TIMEOUT_ERROR)
 
     def childDataReceived(self, fd, data):
-        if not self.finished:
-            self._sink.received(fd, data)
+        if self.finished:
+            return
+        if fd == 1 and self._stdout_left is not None:
+            self._stdout_left -= len(data)
+            if self._stdout_left < 0:
+                self._sink.received(fd, data[:self._stdout_left])
+                self._end_by_agent(Ending.OUTPUT_LIMIT, OUTPUT_LIMIT_ERROR)
+                return
+        self._sink.received(fd, data)
 
     def processExited(self, reason):
         self._exit_status = reason.value

@@ -28,8 +28,10 @@ log = Logger()
 class TaskLineProtocol(LineReceiver):
     delimiter = b"\n"
 
-    def __init__(self, engine: Engine, lane: Lane, timeout_unit: str, max_line: int, clock):
+    def __init__(self, engine: Engine, lane: Lane, timeout_unit: str, max_line: int, clock,
+                 max_output: int | None = None):
         self.MAX_LENGTH = max_line
+        self._max_output = max_output
         self._engine = engine
         self._lane = lane
         self._timeout_unit = timeout_unit
@@ -74,7 +76,8 @@ class TaskLineProtocol(LineReceiver):
             self._send(encode_error(e.message, e.command, e.id))
             return
         try:
-            task = self._engine.submit(request, self._lane, StdoutCollector(), source="tcp")
+            task = self._engine.submit(request, self._lane, StdoutCollector(), source="tcp",
+                                       output_limit=self._max_output)
         except Busy:
             self._send(encode_error(BUSY_ERROR, list(request.command), request.id))
             return
@@ -131,18 +134,19 @@ class TaskLineFactory(Factory):
     noisy = False
 
     def __init__(self, engine: Engine, lane: Lane, timeout_unit: str = "s",
-                 max_line: int = 1 << 20, clock=None):
+                 max_line: int = 1 << 20, clock=None, max_output: int | None = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.engine = engine
         self.lane = lane
         self.timeout_unit = timeout_unit
         self.max_line = max_line
+        self.max_output = max_output
         self.clock = clock
 
     def buildProtocol(self, addr):
         protocol = TaskLineProtocol(self.engine, self.lane, self.timeout_unit, self.max_line,
-                                    self.clock)
+                                    self.clock, self.max_output)
         protocol.factory = self
         return protocol
 

@@ -214,3 +214,31 @@ async def test_environment_is_passed_as_given():
                         env={"ONLY": "this"})
     await runner.ended
     assert sink.text() == "this\n"
+
+
+class OutputLimit(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.spawn = FakeSpawner()
+        self.kills = KillRecorder()
+        self.sink = StdoutCollector()
+        self.runner = start_task(self.clock, ["cmd"], self.sink, output_limit=10,
+                                 spawn=self.spawn, killpg=self.kills)
+
+    def test_output_up_to_the_limit_is_fine(self):
+        self.runner.childDataReceived(1, b"x" * 10)
+        exit_with(self.runner, 0)
+        self.assertEqual(self.successResultOf(self.runner.ended).exit_code, 0)
+
+    def test_output_beyond_the_limit_kills_and_keeps_the_first_bytes(self):
+        self.runner.childDataReceived(1, b"12345678")
+        self.runner.childDataReceived(1, b"9abcdef")
+        outcome = self.successResultOf(self.runner.ended)
+        self.assertEqual((outcome.ending, outcome.exit_code, outcome.error),
+                         (Ending.OUTPUT_LIMIT, -1, "output limit exceeded"))
+        self.assertEqual(self.sink.text(), "123456789a")
+        self.assertIn((self.runner.pid, signal.SIGKILL), self.kills.calls)
+
+    def test_stderr_does_not_count(self):
+        self.runner.childDataReceived(2, b"e" * 100)
+        self.assertNoResult(self.runner.ended)

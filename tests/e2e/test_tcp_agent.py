@@ -267,3 +267,12 @@ def _self_signed_certificate(directory):
                                            serialization.NoEncryption()))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+def test_output_limit_kills_an_endless_writer(start_agent):
+    agent = start_agent("--max-output-bytes", "100000")
+    client = agent.connect()
+    client.send({"command": ["yes"]})
+    result = client.receive()
+    assert (result["exit_code"], result["error"]) == (-1, "output limit exceeded")
+    assert result["output"] == "y\n" * 50000
