@@ -276,3 +276,17 @@ def test_output_limit_kills_an_endless_writer(start_agent):
     result = client.receive()
     assert (result["exit_code"], result["error"]) == (-1, "output limit exceeded")
     assert result["output"] == "y\n" * 50000
+
+
+@pytest.mark.parametrize("mode, busy", [(["--pace", "200"], 2), ([], 0)])
+def test_agent_scheduler_runs_the_reference_input(start_agent, cmd_dir, mode, busy):
+    agent = start_agent("--timeout-unit", "ms", cwd=cmd_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.scheduler", "--agent", f"127.0.0.1:{agent.tcp_port}", *mode,
+         str(REFERENCE_INPUT)], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == 4
+    assert sum(r["error"] == "cannot allow concurrent executions" for r in results) == busy
+    assert f"4 sent, {3 - busy} ok, 0 failed, 1 timed out, {busy} busy" in proc.stderr
