@@ -1,0 +1,73 @@
+"""A bounded load test: many connections pipelining many tasks, nothing lost or leaked."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from tests.procs import processes_where, wait_until_empty
+
+CONNECTIONS, TASKS = 50, 200
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _children(pid: int) -> list[int]:
+    return processes_where(1, pid)  # field 1 = ppid
+
+
+def _client(agent, index: int, seen: dict, errors: list) -> None:
+    try:
+        client = agent.connect(timeout=120)
+        client.send(*({"command": ["true"], "id": f"{index}-{n}"} for n in range(TASKS)))
+        for result in client.receive_many(TASKS):
+            if result["exit_code"] != 0:
+                errors.append(result)
+            seen[result["id"]] = seen.get(result["id"], 0) + 1
+        client.close()
+    except Exception as e:  # surfaced by the assertions below
+        errors.append(repr(e))
+
+
+def test_fifty_connections_of_two_hundred_tasks_each(start_agent):
+    agent = start_agent("--parallel", "0")
+    pid = agent.proc.pid
+    warm = agent.connect()
+    warm.send({"command": ["true"]})
+    warm.receive()
+    warm.close()
+    fds_before, rss_before = _fd_count(pid), _rss_kib(pid)
+
+    seen: dict[str, int] = {}
+    errors: list = []
+    threads = [threading.Thread(target=_client, args=(agent, i, seen, errors))
+               for i in range(CONNECTIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+
+    assert errors == []
+    assert len(seen) == CONNECTIONS * TASKS and set(seen.values()) == {1}
+    assert not wait_until_empty(_children, pid), "every task process is reaped"
+    assert _settles(lambda: _fd_count(pid) <= fds_before), (
+        f"descriptors: {fds_before} before, {_fd_count(pid)} after")
+    rss_after = _rss_kib(pid)
+    assert rss_after < rss_before + 40 * 1024, f"RSS grew from {rss_before} to {rss_after} KiB"
+
+
+def _settles(check, timeout: float = 5.0) -> bool:
+    """Closed connections are noticed by the agent a moment after the client closes."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
