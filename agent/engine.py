@@ -62,6 +62,9 @@ class Task:
         self.state = "queued"
         self.runner: TaskProcess | None = None
         self.outcome: Outcome | None = None
+        self.cleanup: str | None = None
+        """'complete' once its process group is verified empty, 'incomplete' if
+        something in it survived repeated SIGKILL, None until known."""
         self.result: Deferred[Outcome] = Deferred()
         self._waiting_for_slot: Deferred | None = None
 
@@ -117,6 +120,7 @@ class Engine:
         if not task.runner.finished:
             self._notify(task)
         task.runner.ended.addCallback(self._finished, task, lane)
+        task.runner.cleaned.addCallback(self._cleaned, task)
 
     def _dropped(self, failure, task: Task) -> None:
         failure.trap(CancelledError)
@@ -129,6 +133,13 @@ class Engine:
                  ending=outcome.ending.value, exit_code=outcome.exit_code,
                  duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))
         self._settle(task, outcome, lane)
+
+    def _cleaned(self, emptied: bool, task: Task) -> None:
+        task.cleanup = "complete" if emptied else "incomplete"
+        if not emptied:
+            log.error("task {id}: process group {pgid} still has members after repeated SIGKILL",
+                      id=task.request.id or task.id, pgid=task.runner.pid)
+        self._notify(task)
 
     def _settle(self, task: Task, outcome: Outcome, lane: Lane | None = None) -> None:
         """Record the end, then free the slot, then answer: observers see A end before B starts."""

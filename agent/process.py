@@ -23,6 +23,11 @@ DRAIN_GRACE = 0.5
 """Seconds to keep reading after the main process exits while something it
 left behind still holds stdout open; then the group is killed."""
 
+CLEANUP_DEADLINE = 5.0
+"""Seconds to keep SIGKILLing a task's group before reporting it cannot be emptied."""
+
+CLEANUP_POLL = 0.05
+
 TIMEOUT_ERROR = "timeout exceeded"
 OUTPUT_LIMIT_ERROR = "output limit exceeded"
 
@@ -57,22 +62,59 @@ def _killpg(pgid: int, sig: int) -> None:
         pass  # the group is already empty
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone is in the group, even if we may not signal them
+    return True
+
+
+def verify_group_empty(clock, pgid: int, killpg=_killpg, group_alive=_group_alive,
+                       deadline: float = CLEANUP_DEADLINE) -> Deferred[bool]:
+    """Fire True once no process is left in the group, False if one survives
+    `deadline` seconds of repeated SIGKILL (reported, never silently forgotten).
+
+    Members may linger for a moment as zombies waiting for a reaper, hence the poll.
+    """
+    result: Deferred[bool] = Deferred()
+    give_up_at = clock.seconds() + deadline
+
+    def check() -> None:
+        if not group_alive(pgid):
+            result.callback(True)
+        elif clock.seconds() >= give_up_at:
+            result.callback(False)
+        else:
+            killpg(pgid, signal.SIGKILL)
+            clock.callLater(CLEANUP_POLL, check)
+
+    check()
+    return result
+
+
 class TaskProcess(ProcessProtocol):
     """Runs one child in its own process group and fires `ended` with an Outcome."""
 
     def __init__(self, clock, sink: OutputSink, timeout: float | None = None,
                  output_limit: int | None = None, drain_grace: float = DRAIN_GRACE,
-                 killpg: Callable[[int, int], None] = _killpg):
+                 killpg: Callable[[int, int], None] = _killpg,
+                 group_alive: Callable[[int], bool] = _group_alive):
         self._clock = clock
         self._sink = sink
         self._timeout = timeout
         self._stdout_left = output_limit
         self._drain_grace = drain_grace
         self._killpg = killpg
+        self._group_alive = group_alive
         self._timers: dict[str, object] = {}
         self._exit_status: error.ProcessTerminated | error.ProcessDone | None = None
         self._forced: tuple[Ending, str] | None = None
         self.ended: Deferred[Outcome] = Deferred()
+        self.cleaned: Deferred[bool] = Deferred()
+        """Fires after `ended`: True once the task's group is verified empty."""
         self.finished = False
         self.pid: int | None = None
         # The clock starts as the spawn begins: a short child may already be
@@ -148,6 +190,11 @@ class TaskProcess(ProcessProtocol):
         self._timers.clear()
         self._signal_group(signal.SIGKILL)  # nothing the task left behind outlives it
         self.ended.callback(self._outcome())
+        if self.pid is None:
+            self.cleaned.callback(True)
+        else:
+            verify_group_empty(self._clock, self.pid, self._killpg,
+                               self._group_alive).chainDeferred(self.cleaned)
 
     def _outcome(self) -> Outcome:
         duration_ms = (getattr(self, "_ended_at", self._clock.seconds()) - self.started_at) * 1000.0
@@ -202,6 +249,7 @@ def start_task(reactor, argv: Sequence[str], sink: OutputSink, timeout: float | 
     except (OSError, ValueError) as e:
         runner.finished = True
         runner.ended.callback(Outcome.start_failed(_start_error(argv[0], e)))
+        runner.cleaned.callback(True)
     return runner
 
 

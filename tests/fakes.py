@@ -36,11 +36,17 @@ class FakeSpawner:
 
 
 class KillRecorder:
+    """Stands in for os.killpg; groups listed in `survivors` never empty."""
+
     def __init__(self):
         self.calls: list[tuple[int, int]] = []
+        self.survivors: set[int] = set()
 
     def __call__(self, pgid: int, sig: int) -> None:
         self.calls.append((pgid, sig))
+
+    def group_alive(self, pgid: int) -> bool:
+        return pgid in self.survivors
 
 
 def exit_with(protocol, code: int = 0, signal: int | None = None) -> None:

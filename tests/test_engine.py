@@ -21,7 +21,8 @@ class EngineTests(SynchronousTestCase):
         self.engine.observers.append(lambda t: self.seen.append((t.request.command[0], t.state)))
 
     def _start(self, reactor, argv, sink, **kwargs):
-        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills, **kwargs)
+        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills,
+                          group_alive=self.kills.group_alive, **kwargs)
 
     def submit(self, lane, name="cmd", timeout=None):
         return self.engine.submit(TaskRequest((name,), timeout), lane, StdoutCollector())
@@ -98,4 +99,18 @@ class EngineTests(SynchronousTestCase):
         self.submit(lane, "b")
         exit_with(self.spawn.protocol(0))
         self.assertEqual(self.seen, [("a", "queued"), ("a", "running"), ("b", "queued"),
-                                     ("a", "finished"), ("b", "running")])
+                                     ("a", "finished"), ("b", "running"),
+                                     ("a", "finished")])  # the last: its group verified empty
+
+    def test_cleanup_is_recorded_and_a_surviving_group_reported(self):
+        lane = Lane(0)
+        clean, stuck = self.submit(lane, "a"), self.submit(lane, "b")
+        self.kills.survivors.add(stuck.runner.pid)
+        exit_with(clean.runner)
+        exit_with(stuck.runner)
+        self.assertEqual(clean.cleanup, "complete")
+        self.assertIsNone(stuck.cleanup)
+        self.clock.pump([0.05] * 200)
+        self.assertEqual(stuck.cleanup, "incomplete")
+        self.assertGreater(self.kills.calls.count((stuck.runner.pid, 9)), 10,
+                           "a surviving group is SIGKILLed again and again until the deadline")

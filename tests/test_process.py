@@ -28,7 +28,8 @@ class RunnerTimers(SynchronousTestCase):
 
     def start(self, timeout=None, argv=("cmd",)):
         runner = start_task(self.clock, argv, self.sink, timeout=timeout, spawn=self.spawn,
-                            killpg=self.kills)
+                            killpg=self.kills,
+                           group_alive=self.kills.group_alive)
         return runner
 
     def test_exit_reports_status_and_duration(self):
@@ -223,7 +224,8 @@ class OutputLimit(SynchronousTestCase):
         self.kills = KillRecorder()
         self.sink = StdoutCollector()
         self.runner = start_task(self.clock, ["cmd"], self.sink, output_limit=10,
-                                 spawn=self.spawn, killpg=self.kills)
+                                 spawn=self.spawn, killpg=self.kills,
+                           group_alive=self.kills.group_alive)
 
     def test_output_up_to_the_limit_is_fine(self):
         self.runner.childDataReceived(1, b"x" * 10)
@@ -242,3 +244,13 @@ class OutputLimit(SynchronousTestCase):
     def test_stderr_does_not_count(self):
         self.runner.childDataReceived(2, b"e" * 100)
         self.assertNoResult(self.runner.ended)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cleanup_is_verified_after_a_timeout_with_grandchildren():
+    runner, _ = _run(["sh", "-c", "sleep 60 & sleep 60 & wait"], timeout=0.2)
+    outcome = await runner.ended
+    assert outcome.ending is Ending.TIMED_OUT
+    assert await runner.cleaned is True
+    with pytest.raises(ProcessLookupError):
+        os.killpg(outcome.pid, 0)

@@ -25,7 +25,8 @@ class DoorTests(SynchronousTestCase):
         self.proto, self.transport = self.connect()
 
     def _start(self, reactor, argv, sink, **kwargs):
-        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills, **kwargs)
+        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills,
+                          group_alive=self.kills.group_alive, **kwargs)
 
     def connect(self):
         proto = self.factory.buildProtocol(None)

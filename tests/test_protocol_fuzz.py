@@ -46,7 +46,8 @@ def test_one_result_per_line_whatever_arrives(bodies, cuts, crlf):
     clock = task.Clock()
     spawn = FakeSpawner()
     engine = Engine(clock, start=lambda r, argv, sink, **kw: start_task(
-        r, argv, sink, spawn=spawn, killpg=KillRecorder(), **kw))
+        r, argv, sink, spawn=spawn, killpg=KillRecorder(),
+        group_alive=lambda pgid: False, **kw))
     factory = TaskLineFactory(engine, Lane(0), "s", max_line=MAX_LINE, clock=clock)
     proto, transport = factory.buildProtocol(None), StringTransport()
     proto.makeConnection(transport)
