@@ -116,7 +116,8 @@ class Engine:
         task._waiting_for_slot = None
         task.state = "running"
         task.runner = self._start_task(self._reactor, task.request.command, task.sink,
-                                       timeout=task.request.timeout, **run_options)
+                                       timeout=task.request.timeout, limits=task.request.limits,
+                                       **run_options)
         if not task.runner.finished:
             self._notify(task)
         task.runner.ended.addCallback(self._finished, task, lane)

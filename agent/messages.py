@@ -14,6 +14,9 @@ from agent.outcome import Outcome
 
 TIMEOUT_UNITS = {"s": 1.0, "ms": 0.001}
 
+LIMIT_NAMES = ("cpu_s", "memory_mb", "nofile")
+"""Per-task resource limits a request may ask for (see agent.spawn.RLIMITS)."""
+
 BUSY_ERROR = "cannot allow concurrent executions"
 TIMEOUT_ERROR = "timeout exceeded"
 
@@ -25,6 +28,7 @@ class TaskRequest:
     command: tuple[str, ...]
     timeout: float | None = None
     id: str | None = None
+    limits: tuple[tuple[str, int], ...] = ()
 
 
 class BadRequest(ValueError):
@@ -56,6 +60,7 @@ def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:
             command=_parse_command(command),
             timeout=_parse_timeout(obj.get("timeout"), timeout_unit),
             id=request_id,
+            limits=parse_limits(obj.get("limits")),
         )
     except BadRequest as e:
         raise BadRequest(e.message, command=command, id=request_id) from None
@@ -96,6 +101,22 @@ def _parse_timeout(timeout: Any, unit: str) -> float | None:
     if timeout == 0:
         return None
     return timeout * TIMEOUT_UNITS[unit]
+
+
+def parse_limits(limits: Any) -> tuple[tuple[str, int], ...]:
+    """{"cpu_s": N, "memory_mb": N, "nofile": N}, each optional, as sorted pairs."""
+    if limits is None:
+        return ()
+    if not isinstance(limits, dict):
+        raise BadRequest(f'"limits" must be an object, not {_json_type(limits)}')
+    pairs = []
+    for name, value in sorted(limits.items()):
+        if name not in LIMIT_NAMES:
+            raise BadRequest(f'"limits" has unknown key {name!r}; known: {", ".join(LIMIT_NAMES)}')
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadRequest(f'"limits.{name}" must be a positive integer, not {value!r}')
+        pairs.append((name, value))
+    return tuple(pairs)
 
 
 def _json_type(value: Any) -> str:

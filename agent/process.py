@@ -237,7 +237,8 @@ def _devnull() -> int:
 
 def start_task(reactor, argv: Sequence[str], sink: OutputSink, timeout: float | None = None,
                env: Mapping[str, str] | None = None, cwd: str | None = None,
-               spawn=spawn_in_group, **runner_options) -> TaskProcess:
+               limits: Sequence[tuple[str, int]] = (), spawn=spawn_in_group,
+               **runner_options) -> TaskProcess:
     """Start argv; the returned runner's `ended` fires with the Outcome.
 
     A task that cannot start gets an Outcome at once (START_FAILED) whose
@@ -245,7 +246,8 @@ def start_task(reactor, argv: Sequence[str], sink: OutputSink, timeout: float | 
     """
     runner = TaskProcess(reactor, sink, timeout, **runner_options)
     try:
-        spawn(reactor, runner, argv, env=env, cwd=cwd, child_fds={0: _devnull(), 1: "r", 2: "r"})
+        spawn(reactor, runner, argv, env=env, cwd=cwd, child_fds={0: _devnull(), 1: "r", 2: "r"},
+              limits=limits)
     except (OSError, ValueError) as e:
         runner.finished = True
         runner.ended.callback(Outcome.start_failed(_start_error(argv[0], e)))

@@ -19,6 +19,11 @@ import os
 import signal
 from typing import Mapping, Sequence
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None
+
 from twisted.internet import fdesc, process
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
@@ -29,6 +34,28 @@ PIPE_SIZE = 1 << 20
 """Kernel buffer asked for each output pipe, so a fast writer blocks less."""
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+RLIMITS = {"cpu_s": ("RLIMIT_CPU", 1, 1), "memory_mb": ("RLIMIT_AS", 1 << 20, 0),
+           "nofile": ("RLIMIT_NOFILE", 1, 0)}
+"""Request limit name -> (resource constant, multiplier to the kernel's unit,
+headroom of the hard limit over the soft one: a CPU hog gets SIGXCPU a second
+before the kernel's SIGKILL, so it is reported as what it is)."""
+
+
+class LimitsUnsupported(ValueError):
+    """The platform cannot apply a requested resource limit."""
+
+
+def resolve_limits(limits: Sequence[tuple[str, int]]) -> list[tuple[int, tuple[int, int]]]:
+    """(resource, (soft, hard)) pairs for setrlimit; refuse what this platform lacks."""
+    resolved = []
+    for name, value in limits:
+        constant, multiplier, headroom = RLIMITS[name]
+        if resource is None or not hasattr(resource, constant):
+            raise LimitsUnsupported(f"limits.{name} is not supported on this platform")
+        soft = value * multiplier
+        resolved.append((getattr(resource, constant), (soft, soft + headroom)))
+    return resolved
 
 
 class LargeChunkReader(process.ProcessReader):
@@ -59,8 +86,14 @@ class GroupProcess(process.Process):
 
     processReaderFactory = LargeChunkReader
 
+    def __init__(self, *args, rlimits: Sequence[tuple[int, tuple[int, int]]] = (), **kwargs):
+        # setrlimit calls for the child; posix_spawn cannot make them, so they
+        # force the fork path. Set before Process.__init__, which spawns.
+        self.rlimits = list(rlimits)
+        super().__init__(*args, **kwargs)
+
     def _trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs):
-        if uid is not None or gid is not None or path is not None:
+        if uid is not None or gid is not None or path is not None or self.rlimits:
             return False
         fdmap = kwargs["fdmap"]
         if any(parent_fd < 3 for parent_fd in fdmap.values()):
@@ -100,10 +133,14 @@ class GroupProcess(process.Process):
     def _execChild(self, path, uid, gid, executable, args, environment):
         fdesc._setCloseOnExec(self._exec_report_fd)
         try:
+            for limit, soft_and_hard in self.rlimits:
+                resource.setrlimit(limit, soft_and_hard)
             super()._execChild(path, uid, gid, executable, args, environment)
         except OSError as e:
             os.write(self._exec_report_fd, str(e.errno or errno.ENOEXEC).encode())
-            os._exit(127)
+        except ValueError:  # setrlimit: above the hard limit
+            os.write(self._exec_report_fd, str(errno.EPERM).encode())
+        os._exit(127)
 
 
 def _ignored_signals() -> list[int]:
@@ -112,12 +149,14 @@ def _ignored_signals() -> list[int]:
 
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                   cwd: str | None = None, child_fds: Mapping[int, object] | None = None):
+                   cwd: str | None = None, child_fds: Mapping[int, object] | None = None,
+                   limits: Sequence[tuple[str, int]] = ()):
     """Start argv as a new process group connected to protocol; raise OSError if it cannot start.
 
     argv[0] without a slash is searched on PATH; with one it is relative to
-    the task's working directory.
+    the task's working directory. limits are (name, value) pairs of RLIMITS.
     """
     environment = dict(os.environ if env is None else env)
     return GroupProcess(reactor, argv[0], list(argv), environment, cwd, protocol,
-                        childFDs=dict(child_fds or {0: "w", 1: "r", 2: "r"}))
+                        childFDs=dict(child_fds or {0: "w", 1: "r", 2: "r"}),
+                        rlimits=resolve_limits(limits))

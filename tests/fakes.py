@@ -22,7 +22,7 @@ class FakeSpawner:
         self.spawned: list[tuple[list[str], object]] = []
         self.fail_with: Exception | None = None
 
-    def __call__(self, reactor, protocol, argv, env=None, cwd=None, child_fds=None):
+    def __call__(self, reactor, protocol, argv, env=None, cwd=None, child_fds=None, limits=()):
         if self.fail_with is not None:
             raise self.fail_with
         transport = FakeProcessTransport(self.next_pid)

@@ -101,3 +101,19 @@ def test_non_ascii_output_stays_valid_json():
 def test_error_result_echoes_whatever_command_was_sent():
     assert _decode(encode_error("bad", {"weird": 1}, "i")) == {
         "command": {"weird": 1}, "exit_code": -1, "error": "bad", "id": "i"}
+
+
+def test_limits_are_parsed_into_sorted_pairs():
+    request = parse_request(b'{"command": ["x"], "limits": {"nofile": 64, "cpu_s": 2}}')
+    assert request.limits == (("cpu_s", 2), ("nofile", 64))
+
+
+@pytest.mark.parametrize("limits, message", [
+    ('[1]', '"limits" must be an object'),
+    ('{"disk_gb": 1}', "unknown key 'disk_gb'"),
+    ('{"cpu_s": 0}', '"limits.cpu_s" must be a positive integer'),
+    ('{"memory_mb": 1.5}', '"limits.memory_mb" must be a positive integer'),
+])
+def test_bad_limits_say_what_is_wrong(limits, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_request(b'{"command": ["x"], "limits": ' + limits.encode() + b"}")

@@ -254,3 +254,28 @@ async def test_cleanup_is_verified_after_a_timeout_with_grandchildren():
     assert await runner.cleaned is True
     with pytest.raises(ProcessLookupError):
         os.killpg(outcome.pid, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_are_applied_in_the_child_before_exec():
+    runner, sink = _run(["sh", "-c", "ulimit -n; ulimit -t; ulimit -v"],
+                        limits=(("cpu_s", 7), ("memory_mb", 512), ("nofile", 33)))
+    outcome = await runner.ended
+    assert outcome.exit_code == 0
+    assert sink.text().split() == ["33", "7", str(512 * 1024)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cpu_limit_stops_a_spinning_task():
+    runner, _ = _run(["sh", "-c", "while :; do :; done"], limits=(("cpu_s", 1),), timeout=30)
+    outcome = await runner.ended
+    assert outcome.ending is Ending.SIGNALLED and "SIGXCPU" in outcome.error
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_limit_that_cannot_be_applied_is_a_start_failure():
+    with open("/proc/sys/fs/nr_open") as f:
+        beyond_the_kernel_maximum = int(f.read()) + 1  # refused even to root
+    runner, _ = _run(["true"], limits=(("nofile", beyond_the_kernel_maximum),))
+    outcome = await runner.ended
+    assert outcome.ending is Ending.START_FAILED and "not permitted" in outcome.error

@@ -290,3 +290,13 @@ def test_agent_scheduler_runs_the_reference_input(start_agent, cmd_dir, mode, bu
     assert len(results) == 4
     assert sum(r["error"] == "cannot allow concurrent executions" for r in results) == busy
     assert f"4 sent, {3 - busy} ok, 0 failed, 1 timed out, {busy} busy" in proc.stderr
+
+
+def test_request_limits_reach_the_task(start_agent):
+    agent = start_agent()
+    client = agent.connect()
+    client.send({"command": ["sh", "-c", "ulimit -n"], "limits": {"nofile": 40}, "id": "ok"},
+                {"command": ["true"], "limits": {"gpus": 1}, "id": "bad"})
+    results = {r["id"]: r for r in client.receive_many(2)}
+    assert results["ok"]["output"] == "40\n"
+    assert "unknown key 'gpus'" in results["bad"]["error"]
