@@ -1,8 +1,11 @@
 """In-memory stand-ins for processes, so timers are driven by a Clock, not sleeps."""
 from __future__ import annotations
 
-from twisted.internet import error
+from twisted.internet import error, task
 from twisted.python.failure import Failure
+
+from agent.engine import Engine
+from agent.process import start_task
 
 
 class FakeProcessTransport:
@@ -57,3 +60,17 @@ def exit_with(protocol, code: int = 0, signal: int | None = None) -> None:
         reason = Failure(error.ProcessTerminated(None if signal else code, signal))
     protocol.processExited(reason)
     protocol.processEnded(reason)
+
+
+class FakeHost:
+    """A Clock, a fake spawner and a kill recorder, wired into an Engine."""
+
+    def __init__(self):
+        self.clock = task.Clock()
+        self.spawn = FakeSpawner()
+        self.kills = KillRecorder()
+        self.engine = Engine(self.clock, start=self.start)
+
+    def start(self, reactor, argv, sink, **kwargs):
+        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills,
+                          group_alive=self.kills.group_alive, **kwargs)

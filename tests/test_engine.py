@@ -1,28 +1,21 @@
 """The engine's rules: lanes reject or queue FIFO, cancel, shutdown, observers."""
 from __future__ import annotations
 
-from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.engine import Busy, Engine, Lane
+from agent.engine import Busy, Lane
 from agent.messages import TaskRequest
 from agent.outcome import Ending
-from agent.process import StdoutCollector, start_task
-from tests.fakes import FakeSpawner, KillRecorder, exit_with
+from agent.process import StdoutCollector
+from tests.fakes import FakeHost, exit_with
 
 
 class EngineTests(SynchronousTestCase):
     def setUp(self):
-        self.clock = task.Clock()
-        self.spawn = FakeSpawner()
-        self.kills = KillRecorder()
-        self.engine = Engine(self.clock, start=self._start)
+        host = FakeHost()
+        self.clock, self.spawn, self.kills, self.engine = host.clock, host.spawn, host.kills, host.engine
         self.seen: list[tuple[str, str]] = []
         self.engine.observers.append(lambda t: self.seen.append((t.request.command[0], t.state)))
-
-    def _start(self, reactor, argv, sink, **kwargs):
-        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills,
-                          group_alive=self.kills.group_alive, **kwargs)
 
     def submit(self, lane, name="cmd", timeout=None):
         return self.engine.submit(TaskRequest((name,), timeout), lane, StdoutCollector())

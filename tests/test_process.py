@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent.outcome import Ending
-from agent.process import DRAIN_GRACE, StdoutCollector, TaskProcess, start_task
+from agent.process import DRAIN_GRACE, StdoutCollector, start_task
 from tests.fakes import FakeSpawner, KillRecorder, exit_with
 from tests.procs import group_members, wait_until_empty
 

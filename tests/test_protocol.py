@@ -3,30 +3,23 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet import error, task
+from twisted.internet import error
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.engine import Engine, Lane
-from agent.process import start_task
+from agent.engine import Lane
 from agent.protocol import PROBE_INTERVAL, TaskLineFactory
-from tests.fakes import FakeSpawner, KillRecorder, exit_with
+from tests.fakes import FakeHost, exit_with
 
 
 class DoorTests(SynchronousTestCase):
     def setUp(self):
-        self.clock = task.Clock()
-        self.spawn = FakeSpawner()
-        self.kills = KillRecorder()
-        self.engine = Engine(self.clock, start=self._start)
+        host = FakeHost()
+        self.clock, self.spawn, self.kills, self.engine = host.clock, host.spawn, host.kills, host.engine
         self.lane = Lane(1)
         self.factory = TaskLineFactory(self.engine, self.lane, "ms", max_line=100, clock=self.clock)
         self.proto, self.transport = self.connect()
-
-    def _start(self, reactor, argv, sink, **kwargs):
-        return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills,
-                          group_alive=self.kills.group_alive, **kwargs)
 
     def connect(self):
         proto = self.factory.buildProtocol(None)

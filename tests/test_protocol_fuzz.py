@@ -6,13 +6,11 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
-from agent.engine import Engine, Lane
-from agent.process import start_task
+from agent.engine import Lane
 from agent.protocol import TaskLineFactory
-from tests.fakes import FakeSpawner, KillRecorder, exit_with
+from tests.fakes import FakeHost, exit_with
 
 MAX_LINE = 256
 
@@ -43,11 +41,8 @@ def _blank(line: bytes) -> bool:
 @given(bodies=st.lists(line_bodies, min_size=1, max_size=12), cuts=st.lists(st.integers(0, 4000)),
        crlf=st.booleans())
 def test_one_result_per_line_whatever_arrives(bodies, cuts, crlf):
-    clock = task.Clock()
-    spawn = FakeSpawner()
-    engine = Engine(clock, start=lambda r, argv, sink, **kw: start_task(
-        r, argv, sink, spawn=spawn, killpg=KillRecorder(),
-        group_alive=lambda pgid: False, **kw))
+    host = FakeHost()
+    clock, spawn, engine = host.clock, host.spawn, host.engine
     factory = TaskLineFactory(engine, Lane(0), "s", max_line=MAX_LINE, clock=clock)
     proto, transport = factory.buildProtocol(None), StringTransport()
     proto.makeConnection(transport)
