@@ -1,0 +1,4 @@
+"""`python -m bench`: run the benchmark suite (see bench.run)."""
+from bench.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The TCP cases and start-up: each starts its own agent, so one case's
+memory peak or leftover state cannot leak into the next one's figures."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+from bench import baseline, client
+from bench.agentproc import Agent
+from bench.table import MIB, Row
+
+
+@dataclass(frozen=True)
+class Sizes:
+    serial_tasks: int = 2000
+    serial_rounds: int = 4
+    parallel_tasks: int = 8000
+    parallel_connections: int = 8
+    parallel_window: int = 8
+    baseline_seconds: float = 3.0
+    concurrent_tasks: int = 1000
+    sleep_seconds: float = 1.0
+    output_mib: int = 200
+    output_runs: int = 3
+    startup_runs: int = 3
+
+
+FULL = Sizes()
+QUICK = Sizes(serial_tasks=200, serial_rounds=2, parallel_tasks=600, baseline_seconds=0.5,
+              concurrent_tasks=100, sleep_seconds=0.5, output_mib=16, output_runs=1,
+              startup_runs=1)
+
+
+def serial(sizes: Sizes) -> list[Row]:
+    """Median round trip of /bin/true, one at a time, against posix_spawn + waitpid.
+
+    Agent and baseline run in alternating blocks, so a slow patch of the
+    machine weighs on both.
+    """
+    block = sizes.serial_tasks // sizes.serial_rounds
+    agent_times: list[float] = []
+    base_times: list[float] = []
+    with Agent() as agent:
+        client.serial_round_trips(agent.tcp_port, 50)
+        baseline.spawn_loop(50)
+        cpu = 0.0
+        for _ in range(sizes.serial_rounds):
+            before = agent.cpu_seconds()
+            agent_times += client.serial_round_trips(agent.tcp_port, block)
+            cpu += agent.cpu_seconds() - before
+            base_times += baseline.spawn_loop(block)
+    agent_ms = statistics.median(agent_times) * 1000
+    base_ms = statistics.median(base_times) * 1000
+    ratio = agent_ms / base_ms
+    return [Row(f"serial round trip ({len(agent_times)} x /bin/true)", f"{agent_ms:.3f} ms",
+                f"{base_ms:.3f} ms", f"{ratio:.2f}x", "<= 1.5x", ratio <= 1.5,
+                {"agent_ms": agent_ms, "baseline_ms": base_ms, "ratio": ratio,
+                 "agent_p90_ms": _percentile(agent_times, 90) * 1000,
+                 "agent_p99_ms": _percentile(agent_times, 99) * 1000,
+                 "agent_cpu_ms_per_task": cpu / len(agent_times) * 1000})]
+
+
+def parallel(sizes: Sizes) -> list[Row]:
+    """Tasks/s with --parallel 0 over pipelining connections, against 2 spawn loops."""
+    with Agent("--parallel", "0") as agent:
+        client.pipelined(agent.tcp_port, sizes.parallel_connections, sizes.parallel_tasks // 10,
+                         sizes.parallel_window)
+        before = agent.cpu_seconds()
+        seconds = client.pipelined(agent.tcp_port, sizes.parallel_connections,
+                                   sizes.parallel_tasks, sizes.parallel_window)
+        cpu = agent.cpu_seconds() - before
+    rate = sizes.parallel_tasks / seconds
+    base_rate = baseline.parallel_spawn_rate(2, sizes.baseline_seconds)
+    ratio = rate / base_rate
+    return [Row(f"parallel throughput ({sizes.parallel_connections} conns, --parallel 0)",
+                f"{rate:.0f} tasks/s", f"{base_rate:.0f} tasks/s", f"{ratio:.2f}x", ">= 0.8x",
+                ratio >= 0.8,
+                {"agent_tasks_per_s": rate, "baseline_tasks_per_s": base_rate, "ratio": ratio,
+                 "agent_cpu_ms_per_task": cpu / sizes.parallel_tasks * 1000})]
+
+
+def concurrency(sizes: Sizes) -> list[Row]:
+    """N tasks of `sleep S` at once: wall time against S, and the agent's peak RSS."""
+    n, s = sizes.concurrent_tasks, sizes.sleep_seconds
+    request = json.dumps({"command": ["sleep", str(s)]}).encode() + b"\n"
+    with Agent("--parallel", "0") as agent:
+        idle, _ = agent.rss()
+        wall = client.all_at_once(agent.tcp_port, [request] * n, connections=10)
+        _, peak = agent.rss()
+    wall_limit = 2.0 * s
+    return [
+        Row(f"concurrency wall ({n} x sleep {s:g})", f"{wall:.2f} s", f"{s:.2f} s",
+            f"{wall / s:.2f}x", f"<= {wall_limit:.1f} s", wall <= wall_limit,
+            {"wall_s": wall, "sleep_s": s, "tasks": n}),
+        Row(f"concurrency agent peak RSS ({n} tasks)", f"{peak / MIB:.0f} MiB",
+            f"idle {idle / MIB:.0f} MiB", "-", "<= 200 MiB", peak <= 200 * MIB,
+            {"peak_rss_mib": peak / MIB, "idle_rss_mib": idle / MIB}),
+    ]
+
+
+def large_output(sizes: Sizes) -> list[Row]:
+    """One task writing N MiB to stdout, to a client that parses the result line."""
+    size = sizes.output_mib * MIB
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        path = os.path.join(tmp, "output.txt")
+        _write_text_file(path, size)
+        request = json.dumps({"command": ["cat", path]}).encode() + b"\n"
+        base = statistics.median(baseline.cat_seconds(path) for _ in range(max(3, sizes.output_runs)))
+        with Agent() as agent:
+            idle, _ = agent.rss()
+            runs = [client.one_big_result(agent.tcp_port, request, size)
+                    for _ in range(sizes.output_runs)]
+            _, peak = agent.rss()
+    seconds = statistics.median(total for total, _ in runs)
+    parse = statistics.median(parse for _, parse in runs)
+    rate, base_rate = sizes.output_mib / seconds, sizes.output_mib / base
+    ratio = rate / base_rate
+    growth = peak - idle
+    limit = 2.5 * size + 60 * MIB
+    return [
+        Row(f"large output throughput ({sizes.output_mib} MiB)", f"{rate:.0f} MiB/s",
+            f"{base_rate:.0f} MiB/s (cat)", f"{ratio:.2f}x", ">= 0.25x", ratio >= 0.25,
+            {"agent_mib_per_s": rate, "baseline_mib_per_s": base_rate, "ratio": ratio,
+             "agent_seconds": seconds, "client_parse_seconds": parse}),
+        Row(f"large output agent RSS growth ({sizes.output_mib} MiB)", f"{growth / MIB:.0f} MiB",
+            f"idle {idle / MIB:.0f} MiB", f"{growth / size:.2f}x output",
+            f"<= {limit / MIB:.0f} MiB", growth <= limit,
+            {"rss_growth_mib": growth / MIB, "idle_rss_mib": idle / MIB,
+             "peak_rss_mib": peak / MIB}),
+    ]
+
+
+def startup(sizes: Sizes) -> list[Row]:
+    """`twistd -n agent` launched to its 'listening' log line (the socket is bound by then)."""
+    times = []
+    for _ in range(sizes.startup_runs):
+        with Agent() as agent:
+            times.append(agent.listening_after)
+            client.serial_round_trips(agent.tcp_port, 1)  # it really answers
+    seconds = statistics.median(times)
+    return [Row("start-up (twistd -n agent to listening)", f"{seconds * 1000:.0f} ms", "-", "-",
+                "< 1 s", seconds < 1.0, {"seconds": seconds, "runs": times})]
+
+
+def _write_text_file(path: str, size: int) -> None:
+    """Log-like lines of printable ASCII: in JSON only the newlines need escaping."""
+    printable = bytes(c for c in range(32, 127) if c not in b'"\\')
+    line = (printable * 2)[:79] + b"\n"
+    block = line * ((1 << 20) // len(line) + 1)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            piece = block[:min(left, 1 << 20)]
+            f.write(piece)
+            left -= len(piece)
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]

@@ -1,0 +1,27 @@
+"""The benchmark suite runs: CI checks that it prints its table and writes JSON, not the figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.e2e.conftest import REPO
+
+
+def test_quick_bench_prints_a_table_and_writes_json(tmp_path):
+    results = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "serial,startup,history",
+         "--json", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    assert table[0].split("|")[1].strip() == "case"
+    assert any("serial round trip" in line for line in table)
+    assert any("start-up" in line for line in table)
+    document = json.loads(results.read_text())
+    assert document["quick"] is True
+    assert {row["case"].split(" (")[0] for row in document["rows"]} >= {"serial round trip",
+                                                                         "start-up"}
+    assert all(row["result"] in ("pass", "FAIL", "skipped") for row in document["rows"])
+    assert document["machine"]["cores"] >= 1
