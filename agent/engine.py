@@ -129,11 +129,12 @@ class Engine:
         self._settle(task, Outcome(Ending.CANCELLED, -1, "cancelled before it started"))
 
     def _finished(self, outcome: Outcome, task: Task, lane: Lane) -> None:
+        """Answer first, log second: the log line costs ~50 us that no client should wait for."""
+        self._settle(task, outcome, lane)
         log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
                  id=task.request.id or task.id, argv0=task.request.command[0],
                  ending=outcome.ending.value, exit_code=outcome.exit_code,
                  duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))
-        self._settle(task, outcome, lane)
 
     def _cleaned(self, emptied: bool, task: Task) -> None:
         task.cleanup = "complete" if emptied else "incomplete"
