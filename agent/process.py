@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -53,6 +53,13 @@ class StdoutCollector:
     def text(self) -> str:
         """stdout decoded as UTF-8, invalid bytes replaced, so JSON stays valid."""
         return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def drain(self) -> Iterator[bytes]:
+        """stdout chunk by chunk, each forgotten as it is handed out, so a large
+        output's memory is given back while its result is being sent."""
+        self.chunks.reverse()
+        while self.chunks:
+            yield self.chunks.pop()
 
 
 def _killpg(pgid: int, sig: int) -> None:

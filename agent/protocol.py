@@ -13,9 +13,15 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from agent.engine import Busy, Engine, Lane, Task
-from agent.messages import BUSY_ERROR, BadRequest, encode_error, encode_result, parse_request
+from agent.linewriter import LineWriter
+from agent.messages import (BUSY_ERROR, BadRequest, encode_error, encode_result,
+                            encode_result_pieces, parse_request)
 from agent.outcome import Outcome
 from agent.process import StdoutCollector
+
+STREAM_ABOVE = 256 << 10
+"""Results whose stdout is larger are encoded and sent piece by piece (see
+agent.linewriter); smaller ones are encoded whole, which is quicker."""
 
 PROBE_INTERVAL = 0.25
 """Seconds between keep-alive spaces after the client's EOF: a write is the
@@ -84,27 +90,40 @@ class TaskLineProtocol(LineReceiver):
         self._pending.add(task)
         task.result.addCallback(self._deliver, task)
 
+    def connectionMade(self):
+        self._lines = LineWriter(self.transport)
+
     def _deliver(self, outcome: Outcome, task: Task) -> None:
         self._pending.discard(task)
         if self._gone:
             return
-        output = task.sink.text() if outcome.started else None
-        self._send(encode_result(list(task.request.command), outcome, output, task.request.id))
+        command, sink = list(task.request.command), task.sink
+        if not outcome.started:
+            self._send(encode_result(command, outcome, None, task.request.id))
+        elif sink.sizes[1] <= STREAM_ABOVE:
+            self._send(encode_result(command, outcome, sink.text(), task.request.id))
+        else:
+            self._lines.stream(encode_result_pieces(command, outcome, sink.drain(), task.request.id))
         self._close_when_done()
 
     def _send(self, line: bytes) -> None:
         if not self._gone:
-            self.transport.write(line)
+            self._lines.write(line)
 
     # -- the client going away, or only closing its side
 
     def readConnectionLost(self):
         self._read_closed = True
         if self._pending:
-            self._probe = LoopingCall(self.transport.write, b" ")
+            self._probe = LoopingCall(self._probe_peer)
             self._probe.clock = self._clock
             self._probe.start(PROBE_INTERVAL, now=False)
         self._close_when_done()
+
+    def _probe_peer(self) -> None:
+        """A space between lines; none while a line is being streamed, which is a write itself."""
+        if self._lines.idle:
+            self.transport.write(b" ")
 
     def writeConnectionLost(self):
         self.transport.loseConnection()
