@@ -16,10 +16,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+AGENT_REPO_VARIABLE = "BENCH_AGENT_REPO"
+"""Set to another checkout to benchmark its agent with this suite (python -m bench --agent-repo)."""
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 LISTENING = re.compile(r"(?P<what>[\w ]+?) listening on (?P<host>[\d.]+):(?P<port>\d+)")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def agent_repo() -> Path:
+    """The checkout whose agent is measured: this one unless BENCH_AGENT_REPO says otherwise."""
+    return Path(os.environ.get(AGENT_REPO_VARIABLE) or REPO)
 
 
 class Agent:
@@ -28,7 +35,7 @@ class Agent:
     def __init__(self, *args: str, doors=("TCP task protocol",), timeout: float = 20.0):
         self.dir = tempfile.TemporaryDirectory(prefix="agent-bench-")
         self.log_path = Path(self.dir.name) / "agent.log"
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(agent_repo()))
         argv = [*TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "agent",
                 "--listen", "tcp:0:interface=127.0.0.1", *args]
         self.started = time.perf_counter()
@@ -103,7 +110,7 @@ class Agent:
 
 def agent_help() -> str:
     """`twistd agent --help`, to find out which doors this checkout has."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([*TWISTD, "agent", "--help"], env=env, cwd=REPO,
+    env = dict(os.environ, PYTHONPATH=str(agent_repo()))
+    done = subprocess.run([*TWISTD, "agent", "--help"], env=env, cwd=agent_repo(),
                           capture_output=True, text=True, timeout=60)
     return done.stdout + done.stderr

@@ -27,12 +27,17 @@ class Sizes:
     output_mib: int = 200
     output_runs: int = 3
     startup_runs: int = 3
+    endless_mib: int = 1024
+    follow_lines: int = 300
+    history_tasks: int = 100_000
+    history_requests: int = 200
 
 
 FULL = Sizes()
 QUICK = Sizes(serial_tasks=200, serial_rounds=2, parallel_tasks=600, baseline_seconds=0.5,
               concurrent_tasks=100, sleep_seconds=0.5, output_mib=16, output_runs=1,
-              startup_runs=1)
+              startup_runs=1, endless_mib=32, follow_lines=40, history_tasks=2000,
+              history_requests=10)
 
 
 def serial(sizes: Sizes) -> list[Row]:

@@ -10,12 +10,14 @@ The table is also written as JSON (bench/results.json unless --json says otherwi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import cases_http, cases_tcp
+from bench.agentproc import AGENT_REPO_VARIABLE, agent_repo
 from bench.table import Row, machine, markdown, write_json
 
 CASES = {
@@ -44,6 +46,8 @@ def parse_args(argv):
     parser.add_argument("--json", type=Path, default=None,
                         help=f"where to write the results (default {DEFAULT_JSON}; "
                              "a --quick or --only run writes nowhere unless asked)")
+    parser.add_argument("--agent-repo", type=Path, default=None,
+                        help="benchmark the agent of another checkout (default: this one)")
     args = parser.parse_args(argv)
     args.cases = _selected(args.only)
     return args
@@ -65,6 +69,8 @@ def _selected(only: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.agent_repo is not None:
+        os.environ[AGENT_REPO_VARIABLE] = str(args.agent_repo.resolve())
     sizes = cases_tcp.QUICK if args.quick else cases_tcp.FULL
     began = time.perf_counter()
     rows: list[Row] = []
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
         rows += CASES[name](sizes)
         print(f"# {name} took {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     took = time.perf_counter() - began
-    info = machine()
+    info = {**machine(), "agent_repo": str(agent_repo())}
     print(f"\nagent benchmarks{' (--quick)' if args.quick else ''}: {info['cpu']}, "
           f"{info['cores']} cores, Python {info['python']}, Twisted {info['twisted']}; "
           f"{took:.0f} s\n")
