@@ -33,7 +33,10 @@ READ_CHUNK = 1 << 20
 """Bytes taken from a pipe per read; Twisted's stock reader takes 8 KiB."""
 
 PIPE_SIZE = 1 << 20
-"""Kernel buffer asked for each output pipe, so a fast writer blocks less."""
+"""Kernel buffer asked for an output pipe its writer fills, so a fast writer blocks less."""
+
+DEFAULT_PIPE_SIZE = 1 << 16
+"""Linux's pipe capacity: a read this large means the writer had filled the pipe."""
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SIG_IGN = int(signal.SIG_IGN)
@@ -62,14 +65,17 @@ def resolve_limits(limits: Sequence[tuple[str, int]]) -> list[tuple[int, tuple[i
 
 
 class LargeChunkReader(process.ProcessReader):
-    """Reads a child's pipe a megabyte at a time instead of 8 KiB."""
+    """Reads a child's pipe a megabyte at a time instead of 8 KiB, and grows the
+    pipe to PIPE_SIZE once the child has filled it.
 
-    def __init__(self, reactor, proc, name, fileno):
-        super().__init__(reactor, proc, name, fileno)
-        try:
-            fcntl.fcntl(fileno, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # over /proc/sys/fs/pipe-max-size or not Linux: keep the default
+    Growing every pipe at once would charge each task 2 MiB of pipe buffers
+    to the agent's user, whatever it writes: 1000 quiet tasks would hold
+    2 GiB against fs.pipe-user-pages-soft (64 MiB), past which Linux gives
+    an unprivileged user's new pipes two pages. It also cost two fcntl calls
+    per task that most tasks never needed.
+    """
+
+    _grown = False
 
     def doRead(self):
         try:
@@ -80,8 +86,17 @@ class LargeChunkReader(process.ProcessReader):
             return CONNECTION_LOST
         if not data:
             return CONNECTION_DONE
+        if len(data) >= DEFAULT_PIPE_SIZE and not self._grown:
+            self._grow()
         self.dataReceived(data)
         return None
+
+    def _grow(self) -> None:
+        self._grown = True
+        try:
+            fcntl.fcntl(self.fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # over fs.pipe-max-size or the user's pipe quota, or not Linux: keep it
 
 
 class GroupProcess(process.Process):

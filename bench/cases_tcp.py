@@ -25,7 +25,7 @@ class Sizes:
     concurrent_tasks: int = 1000
     sleep_seconds: float = 1.0
     output_mib: int = 200
-    output_runs: int = 3
+    output_runs: int = 5
     startup_runs: int = 3
     endless_mib: int = 1024
     follow_lines: int = 300

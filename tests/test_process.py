@@ -279,3 +279,27 @@ async def test_a_limit_that_cannot_be_applied_is_a_start_failure():
     runner, _ = _run(["true"], limits=(("nofile", beyond_the_kernel_maximum),))
     outcome = await runner.ended
     assert outcome.ending is Ending.START_FAILED and "not permitted" in outcome.error
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipe_is_grown_only_once_its_writer_fills_it():
+    """Quiet tasks keep Linux's 64 KiB pipe (pipe buffers count against the
+    user's quota); a task that fills it gets the large one."""
+    import fcntl
+
+    from twisted.internet import reactor
+
+    from agent.spawn import DEFAULT_PIPE_SIZE, PIPE_SIZE
+
+    sizes = {}
+    for label, write in (("quiet", "print('x')"), ("loud", "sys.stdout.write('x' * (1 << 20))")):
+        runner, sink = _run([sys.executable, "-c", f"import sys, time; {write}; sys.stdout.flush(); "
+                                                   "time.sleep(0.5)"])
+        for _ in range(200):
+            if sink.sizes[1] >= (1 if label == "quiet" else 1 << 20):
+                break
+            await task.deferLater(reactor, 0.01)
+        sizes[label] = fcntl.fcntl(runner.transport.pipes[1].fileno(), fcntl.F_GETPIPE_SZ)
+        await runner.ended
+    assert sizes == {"quiet": DEFAULT_PIPE_SIZE, "loud": PIPE_SIZE}
