@@ -128,6 +128,7 @@ def large_output(sizes: Sizes) -> list[Row]:
         _write_text_file(path, size)
         request = json.dumps({"command": ["cat", path]}).encode() + b"\n"
         base = statistics.median(baseline.cat_seconds(path) for _ in range(max(3, sizes.output_runs)))
+        heap_kept = client.keep_heap()
         with Agent() as agent:
             idle, _ = agent.rss()
             runs = [client.one_big_result(agent.tcp_port, request, size)
@@ -143,7 +144,8 @@ def large_output(sizes: Sizes) -> list[Row]:
         Row(f"large output throughput ({sizes.output_mib} MiB)", f"{rate:.0f} MiB/s",
             f"{base_rate:.0f} MiB/s (cat)", f"{ratio:.2f}x", ">= 0.25x", ratio >= 0.25,
             {"agent_mib_per_s": rate, "baseline_mib_per_s": base_rate, "ratio": ratio,
-             "agent_seconds": seconds, "client_parse_seconds": parse}),
+             "agent_seconds": seconds, "client_parse_seconds": parse,
+             "client_keeps_heap": heap_kept}),
         Row(f"large output agent RSS growth ({sizes.output_mib} MiB)", f"{growth / MIB:.0f} MiB",
             f"idle {idle / MIB:.0f} MiB", f"{growth / size:.2f}x output",
             f"<= {limit / MIB:.0f} MiB", growth <= limit,
