@@ -53,7 +53,6 @@ class AgentService(MultiService):
     def stopService(self):
         stopped = super().stopService()  # the doors stop listening first
         self.engine.cancel_all("agent shutting down")
-        self.engine.write_logs()  # the reactor stops before the log timer would fire
         # Stock twistd re-raises SIGTERM/SIGINT once the reactor stops, so the
         # exit status says "killed by a signal". The agent shut down cleanly: exit 0.
         if getattr(self._reactor, "_exitSignal", None) is not None:

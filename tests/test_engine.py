@@ -1,10 +1,9 @@
 """The engine's rules: lanes reject or queue FIFO, cancel, shutdown, observers."""
 from __future__ import annotations
 
-from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.engine import LOG_DELAY, Busy, Lane
+from agent.engine import Busy, Lane
 from agent.messages import TaskRequest
 from agent.outcome import Ending
 from agent.process import StdoutCollector
@@ -108,36 +107,3 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(stuck.cleanup, "incomplete")
         self.assertGreater(self.kills.calls.count((stuck.runner.pid, 9)), 10,
                            "a surviving group is SIGKILLed again and again until the deadline")
-
-
-class TaskLogTests(SynchronousTestCase):
-    """A task's log line waits for a quiet moment, but never long and never out of order."""
-
-    def setUp(self):
-        host = FakeHost()
-        self.clock, self.spawn, self.engine = host.clock, host.spawn, host.engine
-
-    def submit(self, lane, name):
-        return self.engine.submit(TaskRequest((name,)), lane, StdoutCollector())
-
-    def ended_lines(self, events) -> list[str]:
-        return [e["argv0"] for e in events if "exit_code" in e]
-
-    def test_the_line_waits_at_most_log_delay(self):
-        with capturedLogs() as events:
-            self.submit(Lane(0), "first")
-            exit_with(self.spawn.protocol(), 0)
-            self.assertEqual(self.ended_lines(events), [])
-            self.clock.advance(LOG_DELAY)
-            self.assertEqual(self.ended_lines(events), ["first"])
-
-    def test_the_next_spawn_writes_the_lines_before_it_in_order(self):
-        lane = Lane(0)
-        with capturedLogs() as events:
-            for name in ("a", "b"):
-                self.submit(lane, name)
-            exit_with(self.spawn.protocol(0), 0)
-            exit_with(self.spawn.protocol(1), 3)
-            self.submit(lane, "c")
-            self.assertEqual(self.ended_lines(events), ["a", "b"])
-        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -121,6 +121,5 @@ class DoorTests(SynchronousTestCase):
         self.proto.dataReceived(b'{"command": ["a"]}\n')
         self.proto.readConnectionLost()
         self.proto.connectionLost(Failure(error.ConnectionLost()))
-        self.engine.write_logs()  # the ended task's log line waits on the clock; not the door's
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.lane.running, 0)
