@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -35,7 +34,7 @@ class Watcher(Protocol):
 class StreamWriter:
     """Appends one stream to segment files and deletes the oldest past the limit."""
 
-    def __init__(self, directory: Path, name: str, limit: int):
+    def __init__(self, directory: str | os.PathLike, name: str, limit: int):
         self._directory = directory
         self._name = name
         self._limit = limit
@@ -90,8 +89,8 @@ class StreamWriter:
     def _start_segment(self) -> None:
         self.close()
         try:
-            self._directory.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._directory / f"{self._name}.{self.total}",
+            os.makedirs(self._directory, exist_ok=True)
+            self._fd = os.open(os.path.join(self._directory, f"{self._name}.{self.total}"),
                                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as e:
             self._give_up(e)
@@ -102,7 +101,7 @@ class StreamWriter:
         while len(self._segments) > 1 and self.total - self._segments[0] > self._limit:
             start = self._segments.pop(0)
             try:
-                os.unlink(self._directory / f"{self._name}.{start}")
+                os.unlink(os.path.join(self._directory, f"{self._name}.{start}"))
             except FileNotFoundError:
                 pass
 
@@ -123,7 +122,7 @@ def _write_all(fd: int, data: memoryview) -> None:
 class TaskOutput:
     """A task's output sink: spools each stream and tells watchers (followers) about it."""
 
-    def __init__(self, directory: Path, limit: int):
+    def __init__(self, directory: str | os.PathLike, limit: int):
         self.directory = directory
         self._limit = limit
         self.streams: dict[int, StreamWriter] = {}
@@ -171,7 +170,7 @@ class StreamReader:
     the reader jumps to the oldest kept byte and counts the gap in `skipped`.
     """
 
-    def __init__(self, directory: Path, fd: int, offset: int = 0, live: TaskOutput | None = None):
+    def __init__(self, directory: str | os.PathLike, fd: int, offset: int = 0, live: TaskOutput | None = None):
         self._directory = directory
         self._fd_number = fd
         self._name = STREAMS[fd]
@@ -220,7 +219,8 @@ class StreamReader:
         start = max(s for s in starts if s <= self.position)
         later = [s for s in starts if s > start]
         try:
-            self._file = os.open(self._directory / f"{self._name}.{start}", os.O_RDONLY | os.O_CLOEXEC)
+            self._file = os.open(os.path.join(self._directory, f"{self._name}.{start}"),
+                                 os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False  # deleted since the listing; the next read looks again
         self._file_start = start
@@ -234,7 +234,7 @@ class StreamReader:
         return True
 
 
-def segment_starts(directory: Path, name: str) -> list[int]:
+def segment_starts(directory: str | os.PathLike, name: str) -> list[int]:
     """Start offsets of a stream's segments on disk, oldest first."""
     try:
         entries = os.listdir(directory)
@@ -247,14 +247,14 @@ def segment_starts(directory: Path, name: str) -> list[int]:
                   if entry.startswith(prefix) and entry[len(prefix):].isdigit())
 
 
-def size_on_disk(directory: Path, fd: int) -> tuple[int, int]:
+def size_on_disk(directory: str | os.PathLike, fd: int) -> tuple[int, int]:
     """(bytes written, bytes dropped) of a stream, from its files alone (after a crash)."""
     name = STREAMS[fd]
     starts = segment_starts(directory, name)
     if not starts:
         return 0, 0
     try:
-        last = os.stat(directory / f"{name}.{starts[-1]}").st_size
+        last = os.stat(os.path.join(directory, f"{name}.{starts[-1]}")).st_size
     except FileNotFoundError:
         last = 0
     return starts[-1] + last, starts[0]

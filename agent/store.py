@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import queue
 import re
 import sqlite3
 import threading
@@ -21,10 +22,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from agent import procinfo
 from agent.outcome import Ending
@@ -104,9 +103,42 @@ _UPSERT = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 
 _SELECT = f"SELECT seq, {', '.join(_COLUMNS)} FROM tasks"
 
 
-def _to_row(record: TaskRecord) -> tuple:
-    return tuple(json.dumps(list(record.command)) if name == "command" else getattr(record, name)
-                 for name in _COLUMNS)
+def _row_of(task, live: "_Live", now: float) -> tuple:
+    """An engine task as a row in _COLUMNS order, built straight from its attributes:
+    this runs on the reactor for every state change of every task, TCP ones included."""
+    runner, outcome = task.runner, task.outcome
+    pid = started_at = finished_at = duration_ms = exit_code = error = None
+    if runner is not None:
+        pid, started_at = runner.pid, runner.started_at
+    if outcome is not None:
+        exit_code, error, duration_ms = outcome.exit_code, outcome.error, outcome.duration_ms
+        if outcome.started:
+            pid, started_at = outcome.pid, outcome.started_at
+            finished_at = started_at + duration_ms / 1000.0
+        else:
+            pid = started_at = None
+            finished_at = now
+    (out, out_dropped), (err, err_dropped) = live.output.size(1), live.output.size(2)
+    request = task.request
+    return (task.id, task.source, live.command_json, state_of(task), live.created_at,
+            started_at, finished_at, duration_ms, exit_code, error, pid,
+            out, err, out_dropped, err_dropped, request.timeout, request.id, None, None)
+
+
+_STATE, _PID, _PROC_START = _COLUMNS.index("state"), _COLUMNS.index("pid"), _COLUMNS.index("proc_start")
+
+
+def _with_identity(row: tuple) -> tuple:
+    """A running task's row gets its process's start time and session, read from /proc when
+    the row is written: a task that ended before then needs none, so short tasks cost no read.
+    The task is recorded as ended when its child is reaped (or at most the drain grace later),
+    so the PID is still the child's, or gone, never yet another process's."""
+    if row[_STATE] != "running" or not row[_PID]:
+        return row
+    stat = procinfo.proc_stat(row[_PID])
+    if stat is None:
+        return row
+    return (*row[:_PROC_START], stat.start_time, stat.session, *row[_PROC_START + 2:])
 
 
 def _from_row(row: tuple) -> tuple[int, TaskRecord]:
@@ -128,60 +160,112 @@ def state_of(task) -> str:
 class _Live:
     """What the store keeps in memory for a task while it is queued or running."""
 
-    __slots__ = ("created_at", "output", "proc_start", "session")
+    __slots__ = ("created_at", "command_json", "output")
 
-    def __init__(self, created_at: float, output: TaskOutput):
+    def __init__(self, created_at: float, command_json: str, output: TaskOutput):
         self.created_at = created_at
+        self.command_json = command_json
         self.output = output
-        self.proc_start: int | None = None
-        self.session: int | None = None
+
+
+WRITE_DELAY = 0.01
+"""Seconds a record may wait to be written with the ones after it: one
+transaction per burst instead of one thread hand-off and commit per change.
+A read never waits for it (it applies pending writes first)."""
 
 
 class _SerialDatabase:
-    """One connection used by one thread; writes coalesce per task, reads apply them first."""
+    """One connection used by one thread; writes coalesce per task, reads apply them first.
 
-    def __init__(self, connection: sqlite3.Connection, reactor):
+    The thread takes jobs (reads, close) from a FIFO queue; a write only fills
+    a dict and, if none is due, queues a flush, which waits up to WRITE_DELAY
+    for more before one transaction writes them all.
+    """
+
+    _FLUSH = object()
+    _CLOSE = object()
+
+    def __init__(self, connection: sqlite3.Connection, reactor, write_delay: float = WRITE_DELAY):
         self._connection = connection
         self._reactor = reactor
-        self._pool = ThreadPool(1, 1, "agent-store")
+        self._write_delay = write_delay
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending: dict[str, tuple] = {}
         self._flush_queued = False
+        self._thread = threading.Thread(target=self._serve, name="agent-store", daemon=True)
 
     def start(self) -> None:
-        self._pool.start()
+        self._thread.start()
 
-    def write(self, record: TaskRecord) -> None:
+    def write(self, task_id: str, row: tuple) -> None:
         """Cheap on the reactor thread: a dict entry, and a wake-up when none is queued."""
         with self._lock:
-            self._pending[record.id] = _to_row(record)
+            self._pending[task_id] = row
             wake, self._flush_queued = not self._flush_queued, True
         if wake:
-            self._pool.callInThread(self._flush_reporting_errors)
+            self._jobs.put(self._FLUSH)
 
     def run(self, query, *args) -> Deferred:
         """query(connection, *args) on the store thread, after every write made before."""
-        return deferToThreadPool(self._reactor, self._pool, self._query, query, *args)
+        done: Deferred = Deferred()
+        self._jobs.put((done, query, args))
+        return done
 
     def close(self) -> Deferred:
-        closed = self.run(lambda connection: connection.close())
-        closed.addBoth(self._stop_pool)
+        """Write what is pending, close the connection, end the thread."""
+        closed: Deferred = Deferred()
+        self._jobs.put((closed, self._CLOSE, ()))
+        closed.addBoth(self._join)
         return closed
 
-    def _stop_pool(self, result):
-        self._pool.stop()
+    def _join(self, result):
+        self._thread.join()
         return result
+
+    # -- on the store thread
+
+    def _serve(self) -> None:
+        job = None
+        while True:
+            if job is None:
+                job = self._jobs.get()
+            if job is self._FLUSH:
+                try:  # a read or close coming meanwhile ends the wait: it flushes first anyway
+                    job = self._jobs.get(timeout=self._write_delay)
+                except queue.Empty:
+                    job = None
+                self._flush_reporting_errors()
+                continue
+            done, query, args = job
+            job = None
+            if query is self._CLOSE:
+                self._answer(done, self._close)
+                return
+            self._answer(done, self._query, query, *args)
+
+    def _answer(self, done: Deferred, fn, *args) -> None:
+        try:
+            result = fn(*args)
+        except BaseException:
+            self._reactor.callFromThread(done.errback, Failure())
+        else:
+            self._reactor.callFromThread(done.callback, result)
 
     def _query(self, query, *args):
         self._flush()
         return query(self._connection, *args)
+
+    def _close(self) -> None:
+        self._flush()
+        self._connection.close()
 
     def _flush(self) -> None:
         with self._lock:
             rows, self._pending, self._flush_queued = self._pending, {}, False
         if rows:
             with self._connection:
-                self._connection.executemany(_UPSERT, rows.values())
+                self._connection.executemany(_UPSERT, map(_with_identity, rows.values()))
 
     def _flush_reporting_errors(self) -> None:
         try:
@@ -196,6 +280,7 @@ class Store:
     def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20):
         self._reactor = reactor
         self._data_dir = Path(data_dir)
+        self._output_root = str(self._data_dir / "output")
         self._max_log_bytes = max_log_bytes
         self._live: dict[str, _Live] = {}
         self._lock_fd: int | None = None
@@ -236,16 +321,14 @@ class Store:
 
     def observe(self, task) -> None:
         """Engine observer: record the task as queued, running, or ended."""
-        live = self._live_entry(task)
-        if task.state == "running" and live.proc_start is None and task.runner.pid:
-            stat = procinfo.proc_stat(task.runner.pid)
-            if stat is not None:
-                live.proc_start, live.session = stat.start_time, stat.session
-        record = self._record(task, live)
+        live = self._live.get(task.id)
+        if live is None:
+            if task.state == "finished":
+                return  # more news of an ended task (its group found empty): nothing to record
+            live = self._live_entry(task)
+        self._database.write(task.id, _row_of(task, live, self._reactor.seconds()))
         if task.state == "finished":
             del self._live[task.id]
-        self._database.write(record)
-        if task.state == "finished":
             live.output.end()
 
     def tap(self, task) -> TaskOutput:
@@ -256,25 +339,9 @@ class Store:
         live = self._live.get(task.id)
         if live is None:
             live = self._live[task.id] = _Live(
-                self._reactor.seconds(), TaskOutput(self.output_dir(task.id), self._max_log_bytes))
+                self._reactor.seconds(), json.dumps(list(task.request.command)),
+                TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes))
         return live
-
-    def _record(self, task, live: _Live) -> TaskRecord:
-        runner, outcome, now = task.runner, task.outcome, self._reactor.seconds()
-        record = TaskRecord(
-            id=task.id, source=task.source, command=tuple(task.request.command),
-            state=state_of(task), created_at=live.created_at,
-            timeout=task.request.timeout, request_id=task.request.id,
-            proc_start=live.proc_start, session=live.session)
-        if runner is not None:
-            record = replace(record, pid=runner.pid, started_at=runner.started_at)
-        if outcome is not None:
-            finished_at = (outcome.started_at + outcome.duration_ms / 1000.0
-                           if outcome.started else now)
-            record = replace(record, started_at=outcome.started_at, finished_at=finished_at,
-                             duration_ms=outcome.duration_ms, exit_code=outcome.exit_code,
-                             error=outcome.error, pid=outcome.pid if outcome.started else None)
-        return _with_sizes(record, live.output)
 
     # -- read by the HTTP door
 
@@ -300,10 +367,10 @@ class Store:
     def reader(self, task_id: str, fd: int, offset: int = 0) -> StreamReader:
         return StreamReader(self.output_dir(task_id), fd, offset, self.live_output(task_id))
 
-    def output_dir(self, task_id: str) -> Path:
+    def output_dir(self, task_id: str) -> str:
         if not TASK_ID.match(task_id):
             raise ValueError(f"not a task id: {task_id!r}")
-        return self._data_dir / "output" / task_id
+        return f"{self._output_root}/{task_id}"
 
     def _fresh(self, record: TaskRecord) -> TaskRecord:
         """A running task's byte counts move faster than its record: take them from the spool."""

@@ -9,32 +9,28 @@ import threading
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 
-from agent.engine import Engine, Lane
+from agent.engine import Lane
 from agent.messages import TaskRequest
-from agent.process import StdoutCollector, start_task
+from agent.process import StdoutCollector
 from agent.procinfo import ProcStat, is_still_the_task, proc_stat
 from agent.store import LOST_QUEUED, LOST_RUNNING, DataDirInUse, Store
-from tests.fakes import FakeSpawner, KillRecorder, exit_with
+from tests.fakes import FakeHost, exit_with
 from tests.procs import group_members, wait_until_empty
 
 
 class Harness:
-    """An engine on a Clock with fake children, feeding a real Store on a real thread."""
+    """An engine on a Clock with fake children (tests.fakes.FakeHost), feeding a real Store."""
 
     def __init__(self, data_dir, max_log_bytes=1 << 20):
-        self.clock = task.Clock()
-        self.clock.advance(1_700_000_000)
-        self.spawn = FakeSpawner()
-        self.engine = Engine(self.clock, start=self._start)
+        host = FakeHost()
+        host.clock.advance(1_700_000_000)
+        self.clock, self.spawn, self.engine = host.clock, host.spawn, host.engine
         self.store = Store(data_dir, reactor, max_log_bytes).open()
         self.engine.observers.append(self.store.observe)
         self.engine.output_taps.append(self.store.tap)
         self.store.start()
-
-    def _start(self, clock, argv, sink, **kwargs):
-        return start_task(clock, argv, sink, spawn=self.spawn, killpg=KillRecorder(), **kwargs)
 
     def submit(self, *argv, lane=None, timeout=None, source="http"):
         return self.engine.submit(TaskRequest(tuple(argv), timeout), lane or Lane(0),
@@ -45,7 +41,7 @@ class Harness:
 def harness(tmp_path):
     h = Harness(tmp_path / "data")
     yield h
-    if h.store._database._pool.started:
+    if h.store._database._thread.is_alive():
         pytest_twisted.blockon(h.store.close())
 
 
@@ -114,6 +110,28 @@ async def test_a_running_task_shows_its_byte_counts_as_they_grow(harness):
 
 
 @pytest_twisted.ensureDeferred
+async def test_news_after_the_end_changes_nothing_and_leaks_nothing(harness):
+    t = harness.submit("echo")
+    harness.spawn.protocol().childDataReceived(1, b"abc")
+    exit_with(harness.spawn.protocol(), 0)
+    harness.store.observe(t)  # as the engine does once the task's group is found empty
+    record = await harness.store.get(t.id)
+    assert (record.state, record.stdout_bytes) == ("succeeded", 3)
+    assert harness.store._live == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_tasks_is_written_in_a_transaction_or_two(harness):
+    statements = []
+    harness.store._database._connection.set_trace_callback(statements.append)
+    for _ in range(50):
+        harness.submit("true")
+        exit_with(harness.spawn.protocol(), 0)
+    assert len((await harness.store.list(limit=100)).records) == 50
+    assert statements.count("COMMIT") <= 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_history_is_newest_first_in_pages_that_chain(harness):
     ids = []
     for i in range(5):
@@ -179,8 +197,8 @@ async def test_tasks_live_when_the_agent_died_are_lost_on_the_next_start(tmp_pat
     queued = first.submit("sleep", lane=lane)
     first.spawn.protocol().childDataReceived(1, b"partial")
     await first.store.get(running.id)  # on disk, as an agent killed with -9 would leave it
-    first.store._database._pool.stop()
-    os.close(first.store._lock_fd)
+    await first.store._database.close()  # as the OS closes its files when it is killed: no
+    os.close(first.store._lock_fd)       # record of what happened after this moment
     second = Harness(tmp_path / "data")
     assert sorted(second.store.recovered) == sorted([running.id, queued.id])
     lost_running, lost_queued = await second.store.get(running.id), await second.store.get(queued.id)
