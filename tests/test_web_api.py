@@ -62,6 +62,16 @@ async def test_env_adds_to_the_environment_and_cwd_is_where_it_runs(api, tmp_pat
 
 
 @pytest_twisted.ensureDeferred
+async def test_resource_limits_apply_as_on_tcp(api):
+    record = await api.start(PY, "-c", "import resource; "
+                                       "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])",
+                             limits={"nofile": 77})
+    await api.wait_for_state(record["id"], "succeeded")
+    out = await api.request("GET", f"/tasks/{record['id']}/output")
+    assert await out.text() == "77\n"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_command_that_cannot_start_fails_with_the_reason(api):
     record = await api.start("/nonexistent/program")
     ended = await api.wait_for_state(record["id"], "failed")

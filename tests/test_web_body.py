@@ -32,6 +32,13 @@ def test_env_is_added_to_the_agent_environment():
     assert parse_task({"command": "x"}).run_options({"PATH": "/bin"}) == {}
 
 
+def test_limits_follow_the_tcp_rules():
+    assert parse_task({"command": "x", "limits": {"nofile": 64, "cpu_s": 2}}).request.limits == \
+        (("cpu_s", 2), ("nofile", 64))
+    with pytest.raises(Unprocessable, match="limits"):
+        parse_task({"command": "x", "limits": {"nofile": 0}})
+
+
 def test_cwd_must_be_an_existing_directory(tmp_path):
     assert parse_task({"command": "x", "cwd": str(tmp_path)}).run_options({}) == {"cwd": str(tmp_path)}
     with pytest.raises(Unprocessable, match='"cwd"'):

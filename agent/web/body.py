@@ -8,11 +8,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from agent import messages
 from agent.messages import TaskRequest
 from agent.web.errors import BadRequest, PayloadTooLarge, Unprocessable
 
 MAX_BODY = 1 << 20
-TASK_FIELDS = ("command", "args", "timeout", "env", "cwd")
+TASK_FIELDS = ("command", "args", "timeout", "env", "cwd", "limits")
 
 
 class CappedContent(io.BytesIO):
@@ -71,8 +72,8 @@ def parse_task(body: Any) -> TaskSpec:
     if unknown:
         raise Unprocessable(f'unknown field "{unknown[0]}"; the fields are {", ".join(TASK_FIELDS)}')
     command = (_command(body.get("command")), *_args(body.get("args")))
-    return TaskSpec(TaskRequest(command, _timeout(body.get("timeout"))),
-                    _env(body.get("env")), _cwd(body.get("cwd")))
+    request = TaskRequest(command, _timeout(body.get("timeout")), limits=_limits(body.get("limits")))
+    return TaskSpec(request, _env(body.get("env")), _cwd(body.get("cwd")))
 
 
 def _command(value: Any) -> str:
@@ -108,6 +109,14 @@ def _timeout(value: Any) -> float | None:
     if not math.isfinite(value) or value < 0:
         raise Unprocessable(f'"timeout" must be a non-negative number of seconds, not {value!r}')
     return float(value) or None
+
+
+def _limits(value: Any) -> tuple[tuple[str, int], ...]:
+    """The same resource limits, with the same rules, as on TCP."""
+    try:
+        return messages.parse_limits(value)
+    except messages.BadRequest as e:
+        raise Unprocessable(e.message) from None
 
 
 def _env(value: Any) -> dict[str, str] | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.messages import LIMIT_NAMES
 from agent.store import STATES
 
 TASK_PROPERTIES: dict[str, Any] = {
@@ -70,6 +71,10 @@ def document() -> dict[str, Any]:
                         "env": {"type": "object", "additionalProperties": {"type": "string"},
                                 "description": "added to the agent's environment; not stored"},
                         "cwd": {"type": "string"},
+                        "limits": {"type": "object", "additionalProperties": False,
+                                   "description": "resource limits applied in the child, as on TCP",
+                                   "properties": {name: {"type": "integer", "minimum": 1}
+                                                  for name in LIMIT_NAMES}},
                     }},
                 "TaskPage": {"type": "object", "required": ["tasks", "next"], "properties": {
                     "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
