@@ -46,6 +46,12 @@ class Options(usage.Options):
          "Seconds between SIGTERM and SIGKILL when a task is cancelled over HTTP.", float],
     ]
 
+    optFlags = [
+        ["keep-tcp-output", None,
+         "Keep TCP tasks' output in the history too (as HTTP tasks' is), under --max-log-bytes; "
+         "without it their records count the bytes but keep none."],
+    ]
+
     def postOptions(self):
         if self["timeout-unit"] not in TIMEOUT_UNITS:
             raise usage.UsageError("--timeout-unit must be s or ms")
@@ -127,7 +133,8 @@ def makeService(options: Options, reactor=None) -> AgentService:
     if reactor is None:
         from twisted.internet import reactor
     engine = Engine(reactor)
-    store = Store(options["data-dir"], reactor, options["max-log-bytes"])
+    store = Store(options["data-dir"], reactor, options["max-log-bytes"],
+                  keep_tcp_output=bool(options["keep-tcp-output"]))
     engine.observers.append(store.observe)
     engine.output_taps.append(store.tap)
     agent = AgentService(engine, reactor, store)

@@ -38,7 +38,7 @@ class StreamWriter:
         self._directory = directory
         self._name = name
         self._limit = limit
-        self._segment_bytes = -(-limit // SEGMENTS_PER_LIMIT)
+        self._segment_bytes = -(-limit // SEGMENTS_PER_LIMIT) or 1
         self._segments: list[int] = []  # start offsets on disk, oldest first
         self._fd: int | None = None
         self.total = 0
@@ -54,6 +54,9 @@ class StreamWriter:
         return self._segments[-1] if self._fd is not None else None
 
     def append(self, data: bytes) -> None:
+        if self._limit == 0:  # a stream counted, never kept
+            self.total += len(data)
+            return
         if len(data) > self._limit:
             self._skip(len(data) - self._limit)
             data = data[-self._limit:]

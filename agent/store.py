@@ -277,8 +277,13 @@ class _SerialDatabase:
 class Store:
     """The history of every task, and the output each one wrote."""
 
-    def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20):
+    def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20,
+                 keep_tcp_output: bool = False):
+        """keep_tcp_output: spool TCP tasks' output too. Off, their records count the bytes
+        (all reported dropped): the TCP client already has them, and a busy scheduler's
+        output would double the agent's I/O and fill the disk with copies."""
         self._reactor = reactor
+        self._keep_tcp_output = keep_tcp_output
         self._data_dir = Path(data_dir)
         self._output_root = str(self._data_dir / "output")
         self._max_log_bytes = max_log_bytes
@@ -340,7 +345,8 @@ class Store:
         if live is None:
             live = self._live[task.id] = _Live(
                 self._reactor.seconds(), json.dumps(list(task.request.command)),
-                TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes))
+                TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes
+                           if task.source != "tcp" or self._keep_tcp_output else 0))
         return live
 
     # -- read by the HTTP door

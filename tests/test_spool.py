@@ -23,6 +23,14 @@ def test_silent_task_creates_no_files(tmp_path):
     assert output.size(1) == (0, 0)
 
 
+def test_a_limit_of_zero_counts_and_keeps_nothing(tmp_path):
+    output = TaskOutput(tmp_path / "t", limit=0)
+    output.received(1, b"counted")
+    assert output.size(1) == (7, 7)
+    assert not (tmp_path / "t").exists()
+    assert read_all(StreamReader(tmp_path / "t", 1, live=output)) == b""
+
+
 def test_streams_are_kept_apart(tmp_path):
     output = TaskOutput(tmp_path / "t", limit=100)
     output.received(1, b"out\n")

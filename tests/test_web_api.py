@@ -299,18 +299,33 @@ async def test_history_pages_newest_first_and_filters_by_state(api):
 
 @pytest_twisted.ensureDeferred
 async def test_tcp_tasks_appear_in_the_history_with_their_argv(api):
-    factory = TaskLineFactory(api.engine, Lane(1), clock=reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    newest = await _tcp_task(api, b'{"command": ["echo", "via", "tcp"], "id": "j1"}\n')
+    assert (newest["command"], newest["source"], newest["state"]) == \
+        (["echo", "via", "tcp"], "tcp", "succeeded")
+    assert newest["request_id"] == "j1"
+    assert (newest["stdout_bytes"], newest["stdout_dropped"]) == (8, 8), \
+        "counted; the output itself went to the TCP client"
+    out = await api.request("GET", f"/tasks/{newest['id']}/output")
+    assert await out.text() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_output_is_kept_when_asked_for(make_api):
+    api = make_api(keep_tcp_output=True)
+    newest = await _tcp_task(api, b'{"command": ["echo", "kept"]}\n')
+    assert (newest["stdout_bytes"], newest["stdout_dropped"]) == (5, 0)
+    out = await api.request("GET", f"/tasks/{newest['id']}/output")
+    assert await out.text() == "kept\n"
+
+
+async def _tcp_task(api, line: bytes) -> dict:
+    """Run one task through a TCP door on the same engine; its record, read right after."""
+    port = reactor.listenTCP(0, TaskLineFactory(api.engine, Lane(1), clock=reactor),
+                             interface="127.0.0.1")
     try:
-        line = await _tcp_round_trip(port.getHost().port,
-                                     b'{"command": ["echo", "via", "tcp"], "id": "j1"}\n')
-        assert json.loads(line)["output"] == "via tcp\n"
-        newest = (await api.json("GET", "/tasks?limit=1"))["tasks"][0]
-        assert (newest["command"], newest["source"], newest["state"]) == \
-            (["echo", "via", "tcp"], "tcp", "succeeded")
-        assert (newest["stdout_bytes"], newest["request_id"]) == (8, "j1")
-        out = await api.request("GET", f"/tasks/{newest['id']}/output")
-        assert await out.text() == "via tcp\n"
+        result = json.loads(await _tcp_round_trip(port.getHost().port, line))
+        assert result["exit_code"] == 0
+        return (await api.json("GET", "/tasks?limit=1"))["tasks"][0]
     finally:
         await port.stopListening()
 

@@ -25,9 +25,9 @@ TOKEN = "test-token-123"
 
 class LiveApi:
     def __init__(self, data_dir: Path, max_running: int = 8, max_log_bytes: int = 1 << 20,
-                 kill_grace: float = 5.0):
+                 kill_grace: float = 5.0, keep_tcp_output: bool = False):
         self.engine = Engine(reactor)
-        self.store = Store(data_dir, reactor, max_log_bytes).open()
+        self.store = Store(data_dir, reactor, max_log_bytes, keep_tcp_output).open()
         self.store.start()
         self.engine.observers.append(self.store.observe)
         self.engine.output_taps.append(self.store.tap)

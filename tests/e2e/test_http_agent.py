@@ -84,7 +84,7 @@ def test_run_answers_like_the_seeds_curl_examples(start_http_agent):
 
 
 def test_tcp_tasks_are_in_the_http_history(start_http_agent):
-    agent, api = start_http_agent()
+    agent, api = start_http_agent("--keep-tcp-output")
     client = agent.connect()
     client.send({"command": ["echo", "from", "tcp"], "id": "t-1"})
     assert client.receive()["output"] == "from tcp\n"
