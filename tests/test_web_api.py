@@ -129,6 +129,19 @@ async def test_run_timeout_is_in_seconds_with_fractions(api):
     assert response.headers.getRawHeaders("X-Error") == ["timeout exceeded"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_run_client_that_leaves_cancels_its_task(api):
+    client = socket.create_connection(("127.0.0.1", api.port.getHost().port))
+    body = json.dumps({"command": "sleep", "args": ["300"]}).encode()
+    client.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                   + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    page = await eventually(lambda: api.json("GET", "/tasks"), lambda p: p["tasks"])
+    api.pgids.append(page["tasks"][0]["pid"])
+    client.close()
+    ended = await api.wait_for_state(page["tasks"][0]["id"], "cancelled")
+    assert ended["error"] == "client disconnected"
+
+
 # -- timeouts and cancel
 
 @pytest_twisted.ensureDeferred

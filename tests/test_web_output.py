@@ -223,6 +223,13 @@ def test_event_text_survives_a_character_split_across_chunks():
     assert "".join(texts) == "a☃"
 
 
+def test_a_character_cut_short_at_the_end_is_still_sent():
+    events = ServerSentEvents()
+    events.chunk(1, b"ok" + "☃".encode()[:2], 4)
+    tail = events.end(None).decode()
+    assert json.loads(tail.split("data: ")[1]) == {"text": "\ufffd", "next": 4}
+
+
 def _parse_events(text: str) -> list[tuple[str, dict]]:
     events = []
     for block in text.strip().split("\n\n"):

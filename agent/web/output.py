@@ -55,18 +55,24 @@ class ServerSentEvents:
 
     def __init__(self):
         self._decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in STREAMS}
+        self._next = dict.fromkeys(STREAMS, 0)
 
     def chunk(self, fd: int, data: bytes, next_offset: int) -> bytes:
+        self._next[fd] = next_offset
         return _event(STREAMS[fd], {"text": self._decoders[fd].decode(data), "next": next_offset})
 
     def skipped(self, fd: int, count: int) -> bytes:
         return _event("dropped", {"stream": STREAMS[fd], "bytes": count})
 
     def end(self, record: TaskRecord | None) -> bytes:
+        """A character cut short at the end, then the end event if the task has ended."""
+        tails = b"".join(_event(STREAMS[fd], {"text": text, "next": self._next[fd]})
+                         for fd, decoder in self._decoders.items()
+                         if (text := decoder.decode(b"", final=True)))
         if record is None or not record.ended:
-            return b""
-        return _event("end", {"state": record.state, "exit_code": record.exit_code,
-                              "error": record.error})
+            return tails
+        return tails + _event("end", {"state": record.state, "exit_code": record.exit_code,
+                                      "error": record.error})
 
 
 def _event(name: str, payload: dict) -> bytes:
