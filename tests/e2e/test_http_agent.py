@@ -83,6 +83,15 @@ def test_run_answers_like_the_seeds_curl_examples(start_http_agent):
     assert body == (REPO / "README.md").read_bytes()
 
 
+def test_http_timeouts_are_seconds_whatever_the_tcp_unit(start_http_agent):
+    agent, api = start_http_agent("--timeout-unit", "ms")
+    response, _ = api.request("POST", "/run", {"command": "sleep", "args": ["0.2"], "timeout": 5})
+    assert (response.getheader("X-Task-State"), response.getheader("X-Exit-Code")) == \
+        ("succeeded", "0")
+    response, _ = api.request("POST", "/run", {"command": "sleep", "args": ["5"], "timeout": 0.2})
+    assert response.getheader("X-Task-State") == "timed_out"
+
+
 def test_tcp_tasks_are_in_the_http_history(start_http_agent):
     agent, api = start_http_agent("--keep-tcp-output")
     client = agent.connect()
