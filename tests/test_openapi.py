@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import pytest_twisted
 
 from agent.store import STATES

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from agent.spool import StreamReader, TaskOutput, segment_starts, size_on_disk

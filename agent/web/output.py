@@ -11,7 +11,7 @@ import codecs
 import json
 from typing import Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -173,9 +173,7 @@ class OutputStreamer:
 
     def _finish(self) -> None:
         self._stop()
-        tail = maybeDeferred(self._finale) if self._finale else Deferred()
-        if not self._finale:
-            tail.callback(b"")
+        tail = maybeDeferred(self._finale) if self._finale else succeed(b"")
         tail.addCallback(self._write_tail_and_close)
         tail.addErrback(lambda f: log.failure("ending an output stream", f))
 
