@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/twistd -n agent
+	$(BIN)/twistd -n agent --http tcp:8080:interface=127.0.0.1
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -84,6 +84,9 @@ class Engine:
         self._start_task = start
         self.live: dict[str, Task] = {}
         self.observers: list[Callable[[Task], None]] = []
+        self.output_taps: list[Callable[[Task], OutputSink]] = []
+        """Each gives a second sink for a task's output (the store's spool),
+        asked when the task starts; the door's own sink still gets every chunk."""
 
     def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
                **run_options) -> Task:
@@ -115,13 +118,17 @@ class Engine:
     def _start(self, _, task: Task, lane: Lane, run_options) -> None:
         task._waiting_for_slot = None
         task.state = "running"
-        task.runner = self._start_task(self._reactor, task.request.command, task.sink,
+        task.runner = self._start_task(self._reactor, task.request.command, self._sink_for(task),
                                        timeout=task.request.timeout, limits=task.request.limits,
                                        **run_options)
         if not task.runner.finished:
             self._notify(task)
         task.runner.ended.addCallback(self._finished, task, lane)
         task.runner.cleaned.addCallback(self._cleaned, task)
+
+    def _sink_for(self, task: Task) -> OutputSink:
+        taps = [tap(task) for tap in self.output_taps]
+        return _Tee((task.sink, *taps)) if taps else task.sink
 
     def _dropped(self, failure, task: Task) -> None:
         failure.trap(CancelledError)
@@ -156,3 +163,14 @@ class Engine:
     def _notify(self, task: Task) -> None:
         for observer in self.observers:
             observer(task)
+
+
+class _Tee:
+    """Hands every chunk to several sinks, in order."""
+
+    def __init__(self, sinks: tuple[OutputSink, ...]):
+        self._sinks = sinks
+
+    def received(self, fd: int, data: bytes) -> None:
+        for sink in self._sinks:
+            sink.received(fd, data)

@@ -1,8 +1,11 @@
 """Options and the service tree: `twistd agent --help` is the option reference."""
 from __future__ import annotations
 
+import os
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -10,6 +13,7 @@ from twisted.python import usage
 from agent.engine import Engine, Lane
 from agent.messages import TIMEOUT_UNITS
 from agent.protocol import TaskLineFactory, _describe
+from agent.store import Store
 
 log = Logger()
 
@@ -27,6 +31,25 @@ class Options(usage.Options):
         ["max-output-bytes", None, 256 << 20,
          "Most stdout bytes one TCP task may write; beyond it the task is killed "
          "('output limit exceeded') and its result holds the first bytes.", int],
+        ["http", None, None,
+         "Twisted server endpoint for the HTTP API (e.g. tcp:8080:interface=127.0.0.1); off if not given."],
+        ["token-file", None, None,
+         "File holding the HTTP API's bearer token; default DATA_DIR/token, created with a random "
+         "token (mode 0600) on first start."],
+        ["data-dir", None, "./agent-data", "Where the task history database and task output live."],
+        ["max-running", None, 64,
+         "HTTP tasks running at once (apart from --parallel); over it the API answers 429. "
+         "0 = unlimited.", int],
+        ["max-log-bytes", None, 256 << 20,
+         "Output kept per task and stream; beyond it the newest bytes are kept.", int],
+        ["kill-grace", None, 5.0,
+         "Seconds between SIGTERM and SIGKILL when a task is cancelled over HTTP.", float],
+    ]
+
+    optFlags = [
+        ["keep-tcp-output", None,
+         "Keep TCP tasks' output in the history too (as HTTP tasks' is), under --max-log-bytes; "
+         "without it their records count the bytes but keep none."],
     ]
 
     def postOptions(self):
@@ -40,19 +63,40 @@ class Options(usage.Options):
             raise usage.UsageError("--max-line must be at least 64 bytes")
         if self["max-output-bytes"] < 1:
             raise usage.UsageError("--max-output-bytes must be at least 1")
+        if self["max-running"] < 0:
+            raise usage.UsageError("--max-running must be 0 (unlimited) or more")
+        if self["max-log-bytes"] < 1:
+            raise usage.UsageError("--max-log-bytes must be at least 1")
+        if not 0 <= self["kill-grace"] < float("inf"):
+            raise usage.UsageError("--kill-grace must be a non-negative number of seconds")
+        if self["token-file"] is None:
+            self["token-file"] = os.path.join(self["data-dir"], "token")
 
 
 class AgentService(MultiService):
-    """The whole agent: its doors (child services) and the engine they share."""
+    """The whole agent: its doors (child services), the engine they share, and its history."""
 
-    def __init__(self, engine: Engine, reactor):
+    def __init__(self, engine: Engine, reactor, store: Store | None = None):
         super().__init__()
         self.engine = engine
+        self.store = store
         self._reactor = reactor
+
+    def privilegedStartService(self):
+        super().privilegedStartService()  # the doors bind their ports first
+        if self.store is not None:
+            self.store.open()
+
+    def startService(self):
+        if self.store is not None:
+            self.store.start()
+        super().startService()
 
     def stopService(self):
         stopped = super().stopService()  # the doors stop listening first
         self.engine.cancel_all("agent shutting down")
+        if self.store is not None:  # after the cancels, so their records reach the disk too
+            stopped = gatherResults([stopped, self.store.close()], consumeErrors=True)
         # Stock twistd re-raises SIGTERM/SIGINT once the reactor stops, so the
         # exit status says "killed by a signal". The agent shut down cleanly: exit 0.
         if getattr(self._reactor, "_exitSignal", None) is not None:
@@ -88,11 +132,29 @@ def makeService(options: Options, reactor=None) -> AgentService:
     if reactor is None:
         from twisted.internet import reactor
     engine = Engine(reactor)
-    agent = AgentService(engine, reactor)
+    store = Store(options["data-dir"], reactor, options["max-log-bytes"],
+                  keep_tcp_output=bool(options["keep-tcp-output"]))
+    engine.observers.append(store.observe)
+    engine.output_taps.append(store.tap)
+    agent = AgentService(engine, reactor, store)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue")
     factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"], reactor,
                               max_output=options["max-output-bytes"])
     tcp = _LoggedEndpointService(serverFromString(reactor, options["listen"]), factory,
                                  "TCP task protocol", reactor)
     tcp.setServiceParent(agent)
+    if options["http"]:
+        _http_door(options, reactor, engine, store).setServiceParent(agent)
     return agent
+
+
+def _http_door(options: Options, reactor, engine: Engine, store: Store):
+    from agent.web.api import make_site
+    from agent.web.auth import load_or_create_token
+
+    os.makedirs(options["data-dir"], exist_ok=True)  # the token's default home
+    token = load_or_create_token(options["token-file"])
+    site = make_site(engine, store, Lane(options["max-running"]), token, options["kill-grace"],
+                     reactor)
+    return _LoggedEndpointService(serverFromString(reactor, options["http"]), site, "HTTP API",
+                                  reactor)

@@ -107,3 +107,22 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(stuck.cleanup, "incomplete")
         self.assertGreater(self.kills.calls.count((stuck.runner.pid, 9)), 10,
                            "a surviving group is SIGKILLed again and again until the deadline")
+
+    def test_output_taps_get_every_chunk_the_door_sink_gets(self):
+        tapped = StdoutCollector()
+        self.engine.output_taps.append(lambda t: tapped)
+        t = self.submit(Lane(0))
+        self.spawn.protocol().childDataReceived(1, b"out")
+        self.spawn.protocol().childDataReceived(2, b"err")
+        exit_with(self.spawn.protocol())
+        self.assertEqual((t.sink.text(), tapped.text()), ("out", "out"))
+        self.assertEqual(tapped.sizes, {1: 3, 2: 3})
+
+    def test_a_queued_task_dropped_before_it_starts_is_never_tapped(self):
+        asked = []
+        self.engine.output_taps.append(lambda t: asked.append(t.id) or StdoutCollector())
+        lane = Lane(1, queue=True)
+        running = self.submit(lane, "a")
+        self.submit(lane, "b").cancel()
+        self.assertEqual(asked, [running.id])
+

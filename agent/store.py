@@ -1,0 +1,470 @@
+"""Task history: SQLite records written off the reactor thread, and output spool files.
+
+The store watches the engine (an observer and an output tap), so tasks from
+both doors land in one history without the doors knowing about it. Every
+SQL statement runs on one thread that owns the one connection, in FIFO
+order; writes are coalesced per task and every read first applies the
+writes still pending, so a read can never overtake a write: a task is
+visible as soon as the engine has told the store about it.
+
+Nothing above the store writes files or SQL.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import re
+import sqlite3
+import threading
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from agent import procinfo
+from agent.outcome import Ending
+from agent.spool import StreamReader, TaskOutput, size_on_disk
+
+log = Logger()
+
+STATES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost")
+ENDED_STATES = frozenset(STATES[2:])
+_STATE_OF_ENDING = {Ending.TIMED_OUT: "timed_out", Ending.CANCELLED: "cancelled"}
+TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+LOST_RUNNING = "the agent stopped while the task was running"
+LOST_QUEUED = "the agent stopped before the task started"
+
+
+class DataDirInUse(Exception):
+    """Another agent holds this data directory: its running tasks are not ours to mark lost."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task as the history knows it; times are UNIX seconds."""
+
+    id: str
+    source: str
+    command: tuple[str, ...]
+    state: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration_ms: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    pid: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+    timeout: float | None = None
+    request_id: str | None = None
+    proc_start: int | None = None
+    """/proc start time of pid, with session: tells our group from a later one that reused the PID."""
+    session: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[TaskRecord]
+    next: str | None
+    """The cursor for the following page, None on the last one."""
+
+
+_COLUMNS = tuple(f.name for f in fields(TaskRecord))
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    command TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL, finished_at REAL, duration_ms REAL,
+    exit_code INTEGER, error TEXT, pid INTEGER,
+    stdout_bytes INTEGER NOT NULL, stderr_bytes INTEGER NOT NULL,
+    stdout_dropped INTEGER NOT NULL, stderr_dropped INTEGER NOT NULL,
+    timeout REAL, request_id TEXT, proc_start INTEGER, session INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, seq);
+"""
+_UPSERT = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+           f"ON CONFLICT (id) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in ("id", "created_at")))
+_SELECT = f"SELECT seq, {', '.join(_COLUMNS)} FROM tasks"
+
+
+def _row_of(task, live: "_Live", now: float) -> tuple:
+    """An engine task as a row in _COLUMNS order, built straight from its attributes:
+    this runs on the reactor for every state change of every task, TCP ones included."""
+    runner, outcome = task.runner, task.outcome
+    pid = started_at = finished_at = duration_ms = exit_code = error = None
+    if runner is not None:
+        pid, started_at = runner.pid, runner.started_at
+    if outcome is not None:
+        exit_code, error, duration_ms = outcome.exit_code, outcome.error, outcome.duration_ms
+        if outcome.started:
+            pid, started_at = outcome.pid, outcome.started_at
+            finished_at = started_at + duration_ms / 1000.0
+        else:
+            pid = started_at = None
+            finished_at = now
+    (out, out_dropped), (err, err_dropped) = live.output.size(1), live.output.size(2)
+    request = task.request
+    return (task.id, task.source, live.command_json, state_of(task), live.created_at,
+            started_at, finished_at, duration_ms, exit_code, error, pid,
+            out, err, out_dropped, err_dropped, request.timeout, request.id, None, None)
+
+
+_STATE, _PID, _PROC_START = _COLUMNS.index("state"), _COLUMNS.index("pid"), _COLUMNS.index("proc_start")
+
+
+def _with_identity(row: tuple) -> tuple:
+    """A running task's row gets its process's start time and session, read from /proc when
+    the row is written: a task that ended before then needs none, so short tasks cost no read.
+    The task is recorded as ended when its child is reaped (or at most the drain grace later),
+    so the PID is still the child's, or gone, never yet another process's."""
+    if row[_STATE] != "running" or not row[_PID]:
+        return row
+    stat = procinfo.proc_stat(row[_PID])
+    if stat is None:
+        return row
+    return (*row[:_PROC_START], stat.start_time, stat.session, *row[_PROC_START + 2:])
+
+
+def _from_row(row: tuple) -> tuple[int, TaskRecord]:
+    values = dict(zip(_COLUMNS, row[1:]))
+    values["command"] = tuple(json.loads(values["command"]))
+    return row[0], TaskRecord(**values)
+
+
+def state_of(task) -> str:
+    """The history's word for an engine task's state."""
+    if task.state != "finished":
+        return task.state
+    outcome = task.outcome
+    if outcome.ending is Ending.EXITED:
+        return "succeeded" if outcome.exit_code == 0 else "failed"
+    return _STATE_OF_ENDING.get(outcome.ending, "failed")
+
+
+class _Live:
+    """What the store keeps in memory for a task while it is queued or running."""
+
+    __slots__ = ("created_at", "command_json", "output")
+
+    def __init__(self, created_at: float, command_json: str, output: TaskOutput):
+        self.created_at = created_at
+        self.command_json = command_json
+        self.output = output
+
+
+WRITE_DELAY = 0.01
+"""Seconds a record may wait to be written with the ones after it: one
+transaction per burst instead of one thread hand-off and commit per change.
+A read never waits for it (it applies pending writes first)."""
+
+
+class _SerialDatabase:
+    """One connection used by one thread; writes coalesce per task, reads apply them first.
+
+    The thread takes jobs (reads, close) from a FIFO queue; a write only fills
+    a dict and, if none is due, queues a flush, which waits up to WRITE_DELAY
+    for more before one transaction writes them all.
+    """
+
+    _FLUSH = object()
+    _CLOSE = object()
+
+    def __init__(self, connection: sqlite3.Connection, reactor, write_delay: float = WRITE_DELAY):
+        self._connection = connection
+        self._reactor = reactor
+        self._write_delay = write_delay
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple] = {}
+        self._flush_queued = False
+        self._thread = threading.Thread(target=self._serve, name="agent-store", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def write(self, task_id: str, row: tuple) -> None:
+        """Cheap on the reactor thread: a dict entry, and a wake-up when none is queued."""
+        with self._lock:
+            self._pending[task_id] = row
+            wake, self._flush_queued = not self._flush_queued, True
+        if wake:
+            self._jobs.put(self._FLUSH)
+
+    def run(self, query, *args) -> Deferred:
+        """query(connection, *args) on the store thread, after every write made before."""
+        done: Deferred = Deferred()
+        self._jobs.put((done, query, args))
+        return done
+
+    def close(self) -> Deferred:
+        """Write what is pending, close the connection, end the thread."""
+        closed: Deferred = Deferred()
+        self._jobs.put((closed, self._CLOSE, ()))
+        closed.addBoth(self._join)
+        return closed
+
+    def _join(self, result):
+        self._thread.join()
+        return result
+
+    # -- on the store thread
+
+    def _serve(self) -> None:
+        job = None
+        while True:
+            if job is None:
+                job = self._jobs.get()
+            if job is self._FLUSH:
+                try:  # a read or close coming meanwhile ends the wait: it flushes first anyway
+                    job = self._jobs.get(timeout=self._write_delay)
+                except queue.Empty:
+                    job = None
+                self._flush_reporting_errors()
+                continue
+            done, query, args = job
+            job = None
+            if query is self._CLOSE:
+                self._answer(done, self._close)
+                return
+            self._answer(done, self._query, query, *args)
+
+    def _answer(self, done: Deferred, fn, *args) -> None:
+        try:
+            result = fn(*args)
+        except BaseException:
+            self._reactor.callFromThread(done.errback, Failure())
+        else:
+            self._reactor.callFromThread(done.callback, result)
+
+    def _query(self, query, *args):
+        self._flush()
+        return query(self._connection, *args)
+
+    def _close(self) -> None:
+        self._flush()
+        self._connection.close()
+
+    def _flush(self) -> None:
+        with self._lock:
+            rows, self._pending, self._flush_queued = self._pending, {}, False
+        if rows:
+            with self._connection:
+                self._connection.executemany(_UPSERT, map(_with_identity, rows.values()))
+
+    def _flush_reporting_errors(self) -> None:
+        try:
+            self._flush()
+        except Exception:
+            self._reactor.callFromThread(log.failure, "cannot write task records", Failure())
+
+
+class Store:
+    """The history of every task, and the output each one wrote."""
+
+    def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20,
+                 keep_tcp_output: bool = False):
+        """keep_tcp_output: spool TCP tasks' output too. Off, their records count the bytes
+        (all reported dropped): the TCP client already has them, and a busy scheduler's
+        output would double the agent's I/O and fill the disk with copies."""
+        self._reactor = reactor
+        self._keep_tcp_output = keep_tcp_output
+        self._data_dir = Path(data_dir)
+        self._output_root = str(self._data_dir / "output")
+        self._max_log_bytes = max_log_bytes
+        self._live: dict[str, _Live] = {}
+        self._lock_fd: int | None = None
+        self._database: _SerialDatabase | None = None
+        self.recovered: list[str] = []
+
+    # -- lifecycle
+
+    def open(self) -> Store:
+        """Take the data dir, open the history and recover from a crash.
+
+        Blocking, once, before the agent serves anything (twistd calls it from
+        privilegedStartService); DataDirInUse if another agent has it.
+        """
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(self._data_dir / "lock")
+        connection = _connect(self._data_dir / "history.sqlite3")
+        self.recovered = _recover(connection, self._data_dir, self._reactor.seconds())
+        self._database = _SerialDatabase(connection, self._reactor)
+        return self
+
+    def start(self) -> None:
+        """Start the store's thread; records and reads wait in its queue until then."""
+        self._database.start()
+
+    def close(self) -> Deferred:
+        """Write what is pending, then close; the Deferred fires when it is on disk."""
+        closed = self._database.close()
+        closed.addBoth(self._unlock)
+        return closed
+
+    def _unlock(self, result):
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        return result
+
+    # -- fed by the engine
+
+    def observe(self, task) -> None:
+        """Engine observer: record the task as queued, running, or ended."""
+        live = self._live.get(task.id)
+        if live is None:
+            if task.state == "finished":
+                return  # more news of an ended task (its group found empty): nothing to record
+            live = self._live_entry(task)
+        self._database.write(task.id, _row_of(task, live, self._reactor.seconds()))
+        if task.state == "finished":
+            del self._live[task.id]
+            live.output.end()
+
+    def tap(self, task) -> TaskOutput:
+        """Engine output tap: the spool the task's output goes to."""
+        return self._live_entry(task).output
+
+    def _live_entry(self, task) -> _Live:
+        live = self._live.get(task.id)
+        if live is None:
+            live = self._live[task.id] = _Live(
+                self._reactor.seconds(), json.dumps(list(task.request.command)),
+                TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes
+                           if task.source != "tcp" or self._keep_tcp_output else 0))
+        return live
+
+    # -- read by the HTTP door
+
+    def get(self, task_id: str) -> Deferred[TaskRecord | None]:
+        if not TASK_ID.match(task_id):
+            return succeed(None)
+        d = self._database.run(_select_one, task_id)
+        d.addCallback(lambda record: record and self._fresh(record))
+        return d
+
+    def list(self, state: str | None = None, limit: int = 100,
+             cursor: str | None = None) -> Deferred[Page]:
+        """Newest first; cursor is a Page.next from the page before (ValueError if it is not)."""
+        before = _parse_cursor(cursor)
+        d = self._database.run(_select_page, state, limit, before)
+        d.addCallback(lambda page: Page([self._fresh(r) for r in page.records], page.next))
+        return d
+
+    def live_output(self, task_id: str) -> TaskOutput | None:
+        live = self._live.get(task_id)
+        return None if live is None else live.output
+
+    def reader(self, task_id: str, fd: int, offset: int = 0) -> StreamReader:
+        return StreamReader(self.output_dir(task_id), fd, offset, self.live_output(task_id))
+
+    def output_dir(self, task_id: str) -> str:
+        if not TASK_ID.match(task_id):
+            raise ValueError(f"not a task id: {task_id!r}")
+        return f"{self._output_root}/{task_id}"
+
+    def _fresh(self, record: TaskRecord) -> TaskRecord:
+        """A running task's byte counts move faster than its record: take them from the spool."""
+        live = self._live.get(record.id)
+        return record if live is None else _with_sizes(record, live.output)
+
+
+def _with_sizes(record: TaskRecord, output: TaskOutput) -> TaskRecord:
+    (out, out_dropped), (err, err_dropped) = output.size(1), output.size(2)
+    return replace(record, stdout_bytes=out, stderr_bytes=err,
+                   stdout_dropped=out_dropped, stderr_dropped=err_dropped)
+
+
+def _select_one(connection, task_id: str) -> TaskRecord | None:
+    row = connection.execute(f"{_SELECT} WHERE id = ?", (task_id,)).fetchone()
+    return None if row is None else _from_row(row)[1]
+
+
+def _select_page(connection, state: str | None, limit: int, before: int | None) -> Page:
+    where, args = [], []
+    if state is not None:
+        where.append("state = ?")
+        args.append(state)
+    if before is not None:
+        where.append("seq < ?")
+        args.append(before)
+    sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq DESC LIMIT ?"
+    rows = [_from_row(row) for row in connection.execute(sql, (*args, limit + 1))]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page([record for _, record in rows], str(rows[-1][0]) if more else None)
+
+
+def _parse_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit():
+        raise ValueError(f"not a cursor from this API: {cursor!r}")
+    return int(cursor)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(f"{path.parent} is in use by another agent") from None
+    return fd
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if need be) the history; WAL so a reader never waits for the writer.
+
+    synchronous=NORMAL in WAL mode: a commit survives the agent being killed,
+    only a power cut may lose the last moments.
+    """
+    connection = sqlite3.connect(path, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.executescript(_SCHEMA)
+    return connection
+
+
+def _recover(connection: sqlite3.Connection, data_dir: Path, now: float) -> list[str]:
+    """Mark tasks a dead agent left queued or running as lost, and kill what is left of them.
+
+    Runs once at start, before the agent serves anything, so it may block.
+    Returns the ids marked lost.
+    """
+    rows = connection.execute(
+        "SELECT id, state, pid, proc_start, session FROM tasks WHERE state IN ('queued', 'running')"
+    ).fetchall()
+    if not rows:
+        return []
+    groups = [(pid, start, session) for _, state, pid, start, session in rows
+              if state == "running" and pid and start is not None and session is not None]
+    killed = procinfo.kill_left_behind(groups)
+    with connection:
+        for task_id, state, *_ in rows:
+            out, out_dropped = size_on_disk(data_dir / "output" / task_id, 1)
+            err, err_dropped = size_on_disk(data_dir / "output" / task_id, 2)
+            connection.execute(
+                "UPDATE tasks SET state = 'lost', exit_code = -1, error = ?, finished_at = ?, "
+                "stdout_bytes = ?, stdout_dropped = ?, stderr_bytes = ?, stderr_dropped = ? "
+                "WHERE id = ?",
+                (LOST_RUNNING if state == "running" else LOST_QUEUED, now,
+                 out, out_dropped, err, err_dropped, task_id))
+    log.warn("{n} task(s) were queued or running when the agent last stopped: marked lost; "
+             "killed {k} process group(s) they left behind", n=len(rows), k=len(killed))
+    return [row[0] for row in rows]

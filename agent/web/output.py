@@ -1,0 +1,245 @@
+"""GET /tasks/{id}/output: a task's output from an offset, as text or server-sent events,
+and, with follow=true, each new chunk as the task writes it until the task ends.
+
+Output is read from the spool files a bounded chunk at a time and only while
+the client keeps up (the response is a push producer the transport pauses),
+so neither a fast task nor a slow client makes the agent hold output in memory.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+from typing import Callable
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from agent.spool import STREAMS, StreamReader, TaskOutput
+from agent.store import Store, TaskRecord
+from agent.web.errors import NotFound
+from agent.web.query import choice_arg, int_arg
+from agent.web.router import STREAMING
+
+log = Logger()
+
+CHUNK = 64 * 1024
+BURST = 16
+"""Chunks written in one go before giving other connections a turn."""
+
+STREAM_CHOICES = {"stdout": (1,), "stderr": (2,), "both": (1, 2)}
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+class PlainText:
+    content_type = b"text/plain; charset=utf-8"
+
+    def chunk(self, fd: int, data: bytes, next_offset: int) -> bytes:
+        return data
+
+    def skipped(self, fd: int, count: int) -> bytes:
+        return b""
+
+    def end(self, record: TaskRecord | None) -> bytes:
+        return b""
+
+
+class ServerSentEvents:
+    """One event per chunk, named by its stream; its data is JSON, so any byte survives.
+
+    `next` in each event is the offset to pass as ?offset= to resume that stream.
+    """
+
+    content_type = b"text/event-stream"
+
+    def __init__(self):
+        self._decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in STREAMS}
+        self._next = dict.fromkeys(STREAMS, 0)
+
+    def chunk(self, fd: int, data: bytes, next_offset: int) -> bytes:
+        self._next[fd] = next_offset
+        return _event(STREAMS[fd], {"text": self._decoders[fd].decode(data), "next": next_offset})
+
+    def skipped(self, fd: int, count: int) -> bytes:
+        return _event("dropped", {"stream": STREAMS[fd], "bytes": count})
+
+    def end(self, record: TaskRecord | None) -> bytes:
+        """A character cut short at the end, then the end event if the task has ended."""
+        tails = b"".join(_event(STREAMS[fd], {"text": text, "next": self._next[fd]})
+                         for fd, decoder in self._decoders.items()
+                         if (text := decoder.decode(b"", final=True)))
+        if record is None or not record.ended:
+            return tails
+        return tails + _event("end", {"state": record.state, "exit_code": record.exit_code,
+                                      "error": record.error})
+
+
+def _event(name: str, payload: dict) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload).encode())
+
+
+@implementer(IPushProducer)
+class OutputStreamer:
+    """Copies spool readers to a response, pausing when the client does, following `live`.
+
+    limits caps each reader at an offset (a snapshot of what existed when
+    asked); finale gives the bytes to end with (the SSE end event).
+    """
+
+    def __init__(self, request, readers: dict[int, StreamReader], live: TaskOutput | None = None,
+                 form=None, limits: dict[int, int] | None = None,
+                 finale: Callable[[], Deferred] | None = None, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._request = request
+        self._readers = readers
+        self._live = live
+        self._form = form or PlainText()
+        self._limits = limits or {}
+        self._finale = finale
+        self._clock = clock
+        self._paused = self._busy = self._done = False
+        self._later = None
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addBoth(self._client_gone)
+        if self._live is not None:
+            self._live.watch(self)
+        self._pump()
+
+    # -- IPushProducer: the transport's pace
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self):
+        self._stop()
+
+    # -- spool watcher: the task's pace
+
+    def output_arrived(self, fd: int) -> None:
+        self._pump()
+
+    def output_ended(self) -> None:
+        self._live = None
+        self._pump()
+
+    # -- copying
+
+    def _pump(self) -> None:
+        if self._busy or self._paused or self._done:
+            return
+        self._busy = True
+        try:
+            for _ in range(BURST):
+                if self._paused or self._done:
+                    return
+                if not self._copy_one_round():
+                    if self._live is None:
+                        self._finish()
+                    return
+            if self._later is None or not self._later.active():
+                self._later = self._clock.callLater(0, self._pump)
+        finally:
+            self._busy = False
+
+    def _copy_one_round(self) -> bool:
+        """One chunk from each stream that has one; False when none had any."""
+        progressed = False
+        for fd, reader in self._readers.items():
+            size = CHUNK
+            if fd in self._limits:
+                size = min(size, self._limits[fd] - reader.position)
+                if size <= 0:
+                    continue
+            skipped = reader.skipped
+            data = reader.read(size)
+            if reader.skipped != skipped:
+                self._write(self._form.skipped(fd, reader.skipped - skipped))
+            if data:
+                self._write(self._form.chunk(fd, data, reader.position))
+                progressed = True
+        return progressed
+
+    def _write(self, data: bytes) -> None:
+        if data and not self._done:
+            self._request.write(data)
+
+    def _finish(self) -> None:
+        self._stop()
+        tail = maybeDeferred(self._finale) if self._finale else succeed(b"")
+        tail.addCallback(self._write_tail_and_close)
+        tail.addErrback(lambda f: log.failure("ending an output stream", f))
+
+    def _write_tail_and_close(self, tail: bytes) -> None:
+        if getattr(self._request, "_disconnected", False) or self._request.finished:
+            return
+        if tail:
+            self._request.write(tail)
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _client_gone(self, _) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        if self._live is not None:
+            self._live.unwatch(self)
+            self._live = None
+        for reader in self._readers.values():
+            reader.close()
+
+
+class OutputEndpoint:
+    def __init__(self, store: Store, clock=None):
+        self._store = store
+        self._clock = clock
+
+    def get(self, request, id: str):
+        fds = STREAM_CHOICES[choice_arg(request, "stream", tuple(STREAM_CHOICES), "stdout")]
+        offset = _offset(request)
+        follow = _follow(request)
+        form = ServerSentEvents() if _wants_events(request) else PlainText()
+        found = self._store.get(id)
+        found.addCallback(self._stream, request, id, fds, offset, follow, form)
+        return found
+
+    def _stream(self, record: TaskRecord | None, request, task_id, fds, offset, follow, form):
+        if record is None:
+            raise NotFound(f"no task with id {task_id!r}")
+        live = self._store.live_output(task_id) if follow else None
+        readers = {fd: self._store.reader(task_id, fd, offset) for fd in fds}
+        limits = None if follow else {1: record.stdout_bytes, 2: record.stderr_bytes}
+        request.setHeader(b"Content-Type", form.content_type)
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Task-State", record.state.encode())
+        for fd in fds:
+            dropped = record.stdout_dropped if fd == 1 else record.stderr_dropped
+            request.setHeader(b"X-%s-Dropped" % STREAMS[fd].capitalize().encode(), b"%d" % dropped)
+        OutputStreamer(request, readers, live, form, limits,
+                       finale=lambda: self._store.get(task_id).addCallback(form.end),
+                       clock=self._clock).start()
+        return STREAMING
+
+
+def _offset(request) -> int:
+    return int_arg(request, "offset", 0, low=0)
+
+
+def _follow(request) -> bool:
+    return choice_arg(request, "follow", TRUE + FALSE, "false") in TRUE
+
+
+def _wants_events(request) -> bool:
+    return b"text/event-stream" in (request.getHeader(b"accept") or b"")

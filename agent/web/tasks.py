@@ -1,0 +1,182 @@
+"""Task endpoints: start, run to completion, list, show, cancel, health.
+
+Handlers translate HTTP into engine and store calls and records into JSON;
+the rules (limits, cancel, states) live in the engine and the store.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from agent.engine import Busy, Engine, Lane, Task
+from agent.store import STATES, Store, TaskRecord, state_of
+from agent.web.body import parse_task, read_json
+from agent.web.errors import BadRequest, Conflict, NotFound, TooManyTasks
+from agent.web.output import OutputStreamer
+from agent.web.query import arg, int_arg
+from agent.web.router import STREAMING, Response
+
+log = Logger()
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
+
+
+class Discard:
+    """The HTTP door's own sink: output goes to the store's spool (an engine tap), not memory."""
+
+    def received(self, fd: int, data: bytes) -> None:
+        pass
+
+
+def when_ended(task: Task) -> Deferred:
+    """A Deferred of our own for the task's Outcome.
+
+    task.result is shared with the other door; waiting on it directly (yield,
+    or a callback that returns nothing) would hand its later callbacks None.
+    """
+    ended: Deferred = Deferred()
+
+    def relay(result):
+        ended.callback(result)
+        return result
+
+    task.result.addBoth(relay)
+    return ended
+
+
+def task_json(record: TaskRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "command": list(record.command),
+        "state": record.state,
+        "source": record.source,
+        "created_at": _time(record.created_at),
+        "started_at": _time(record.started_at),
+        "finished_at": _time(record.finished_at),
+        "duration_ms": None if record.duration_ms is None else round(record.duration_ms, 3),
+        "exit_code": record.exit_code,
+        "error": record.error,
+        "pid": record.pid,
+        "timeout": record.timeout,
+        "stdout_bytes": record.stdout_bytes,
+        "stderr_bytes": record.stderr_bytes,
+        "stdout_dropped": record.stdout_dropped,
+        "stderr_dropped": record.stderr_dropped,
+        "request_id": record.request_id,
+    }
+
+
+def _time(seconds: float | None) -> str | None:
+    """RFC 3339 in UTC with milliseconds."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+class TaskEndpoints:
+    def __init__(self, engine: Engine, store: Store, lane: Lane, kill_grace: float = 5.0,
+                 environ: Mapping[str, str] = os.environ):
+        self._engine = engine
+        self._store = store
+        self._lane = lane
+        self._kill_grace = kill_grace
+        self._environ = environ
+
+    # -- starting
+
+    def create(self, request) -> Deferred:
+        """201 with the record as the history has it: what a GET right after will show."""
+        task = self._submit(request)
+        created = self._store.get(task.id)
+        created.addCallback(lambda record: Response(201, task_json(record),
+                                                    {b"Location": b"/tasks/" + task.id.encode()}))
+        return created
+
+    def run(self, request):
+        """Run to completion, then answer with stdout as text; a client that leaves cancels it."""
+        task = self._submit(request)
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: task.cancel("client disconnected"))
+        ended = when_ended(task)
+        ended.addCallback(self._send_stdout, task, request)
+        ended.addErrback(lambda f: log.failure("answering /run", f))
+        return STREAMING
+
+    def _send_stdout(self, outcome, task: Task, request) -> None:
+        if getattr(request, "_disconnected", False):
+            return
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"X-Task-Id", task.id.encode())
+        request.setHeader(b"X-Exit-Code", b"%d" % outcome.exit_code)
+        request.setHeader(b"X-Task-State", state_of(task).encode())
+        if outcome.error:
+            request.setHeader(b"X-Error", _header_safe(outcome.error))
+        OutputStreamer(request, {1: self._store.reader(task.id, 1)}).start()
+
+    def _submit(self, request) -> Task:
+        spec = parse_task(read_json(request))
+        try:
+            task = self._engine.submit(spec.request, self._lane, Discard(), source="http",
+                                       **spec.run_options(self._environ))
+        except Busy:
+            raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
+                               "(--max-running); wait for one to end or cancel one") from None
+        log.info("task {id} started over HTTP: {argv0}", id=task.id, argv0=spec.request.command[0])
+        return task
+
+    # -- reading
+
+    def list(self, request) -> Deferred:
+        state = arg(request, "state")
+        if state is not None and state not in STATES:
+            raise BadRequest(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        limit = int_arg(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        try:
+            page = self._store.list(state, limit, arg(request, "cursor"))
+        except ValueError as e:
+            raise BadRequest(f"cursor: {e}") from None
+        page.addCallback(lambda p: Response(200, {"tasks": [task_json(r) for r in p.records],
+                                                  "next": p.next}))
+        return page
+
+    @inlineCallbacks
+    def show(self, request, id: str):
+        record = yield self._record(id)
+        return Response(200, task_json(record))
+
+    def health(self, request) -> Response:
+        running = sum(1 for task in self._engine.live.values() if task.state == "running")
+        return Response(200, {"status": "ok", "running": running})
+
+    # -- ending
+
+    @inlineCallbacks
+    def cancel(self, request, id: str):
+        """SIGTERM the group, SIGKILL after the grace; answer with the ended record."""
+        task = self._engine.live.get(id)
+        if task is None:
+            record = yield self._record(id)
+            raise Conflict(f"task {id} has already ended ({record.state}); nothing to cancel")
+        log.info("task {id} cancelled over HTTP", id=id)
+        task.cancel("cancelled by request", self._kill_grace)
+        yield when_ended(task)
+        record = yield self._record(id)
+        return Response(200, task_json(record))
+
+    @inlineCallbacks
+    def _record(self, task_id: str):
+        record = yield self._store.get(task_id)
+        if record is None:
+            raise NotFound(f"no task with id {task_id!r}")
+        return record
+
+
+def _header_safe(text: str) -> bytes:
+    """One line of ASCII: a header value cannot carry newlines or arbitrary bytes."""
+    return text.replace("\r", " ").replace("\n", " ").encode("ascii", "backslashreplace")
