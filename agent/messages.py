@@ -60,7 +60,7 @@ def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:
     try:
         return TaskRequest(
             command=_parse_command(command),
-            timeout=_parse_timeout(obj.get("timeout"), timeout_unit),
+            timeout=parse_timeout(obj.get("timeout"), timeout_unit),
             id=request_id,
             limits=parse_limits(obj.get("limits")),
         )
@@ -92,7 +92,7 @@ def _parse_command(command: Any) -> tuple[str, ...]:
     return tuple(command)
 
 
-def _parse_timeout(timeout: Any, unit: str) -> float | None:
+def parse_timeout(timeout: Any, unit: str) -> float | None:
     """0 or missing means no timeout; anything else is converted to seconds."""
     if timeout is None:
         return None
