@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from agent.engine import Engine, Lane
@@ -34,11 +35,72 @@ def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float = 5.0, cl
     ]
 
 
+HEADER_DEADLINE = 10.0
+"""Seconds a client gets to send a request's line and headers; an idle timeout
+alone never drops a client that dribbles one byte at a time."""
+
+IDLE_TIMEOUT = 60.0
+"""Seconds a connection may sit idle between requests (Twisted's default is 12 hours).
+Twisted pauses it while a response, such as a follow stream, is being written."""
+
+_TOO_LARGE = (b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class ApiChannel(HTTPChannel):
+    """HTTPChannel that refuses hostile clients early: a body announced larger
+    than MAX_BODY is answered 413 before a byte of it is read, and headers
+    must be complete within HEADER_DEADLINE."""
+
+    _header_timer = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._arm_header_deadline()
+
+    def allHeadersReceived(self):
+        self._disarm_header_deadline()
+        if self.length is not None and self.length > MAX_BODY:
+            body = b'{"error": "request body is larger than %d bytes"}' % MAX_BODY
+            self.transport.write(_TOO_LARGE % (len(body), body))
+            self.transport.loseConnection()
+            self.dataReceived = self.lineReceived = lambda *args: None
+            return
+        super().allHeadersReceived()
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        if not self.transport.disconnecting:
+            self._arm_header_deadline()  # the next request on this connection
+
+    def connectionLost(self, reason):
+        self._disarm_header_deadline()
+        super().connectionLost(reason)
+
+    def _arm_header_deadline(self):
+        self._disarm_header_deadline()
+        self._header_timer = self.callLater(HEADER_DEADLINE, self._headers_too_slow)
+
+    def _disarm_header_deadline(self):
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+
+    def _headers_too_slow(self):
+        self._header_timer = None
+        self.transport.abortConnection()
+
+
 class ApiSite(Site):
     """A Site whose request bodies stop being kept past MAX_BODY (the API answers 413)."""
 
     displayTracebacks = False
     noisy = False
+    protocol = ApiChannel
+
+    def __init__(self, resource, *args, **kwargs):
+        kwargs.setdefault("timeout", IDLE_TIMEOUT)
+        super().__init__(resource, *args, **kwargs)
 
     def getContentFile(self, length):
         return CappedContent(MAX_BODY, length)
