@@ -114,7 +114,35 @@ async def test_event_stream_carries_chunks_by_stream_and_ends_with_the_state(api
     by_name = {name: data for name, data in events}
     assert by_name["stdout"] == {"text": "out\n", "next": 4}
     assert by_name["stderr"] == {"text": "err\n", "next": 4}
-    assert events[-1] == ("end", {"state": "failed", "exit_code": 4, "error": ""})
+    name, end = events[-1]
+    assert name == "end" and end["duration_ms"] > 0
+    assert {k: end[k] for k in ("state", "reason", "exit_code", "signal", "error")} == {
+        "state": "failed", "reason": "exited", "exit_code": 4, "signal": None, "error": ""}
+
+
+def _ended(state, exit_code=-1, error="", started_at=1.0):
+    from agent.store import TaskRecord
+    return TaskRecord(id="t", source="http", command=("x",), state=state, created_at=1.0,
+                      started_at=started_at, finished_at=2.0, duration_ms=1000.0,
+                      exit_code=exit_code, error=error)
+
+
+def test_end_event_says_why_each_kind_of_task_ended():
+    from agent.web.output import end_summary
+    cases = [
+        (_ended("succeeded", 0), ("exited", None)),
+        (_ended("failed", 3), ("exited", None)),
+        (_ended("failed", 137, "killed by signal 9 (SIGKILL)"), ("signalled", 9)),
+        (_ended("failed", -1, "cannot start 'x': No such file", started_at=None),
+         ("start_failed", None)),
+        (_ended("timed_out", -1, "timeout exceeded"), ("timeout", None)),
+        (_ended("cancelled", -1, "cancelled by request"), ("cancelled", None)),
+        (_ended("lost", -1, "agent stopped while the task was running"), ("lost", None)),
+    ]
+    for record, (reason, signal) in cases:
+        summary = end_summary(record)
+        assert (summary["reason"], summary["signal"]) == (reason, signal), record.state
+        assert summary["duration_ms"] == 1000.0 and summary["state"] == record.state
 
 
 @pytest_twisted.ensureDeferred

@@ -147,7 +147,8 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "text, or server-sent events with "
                                                "Accept: text/event-stream (events stdout, stderr, "
-                                               "dropped, and end with the final state)",
+                                               "dropped, and end: state, reason, exit_code, signal, "
+                                               "duration_ms, error)",
                                 "content": {"text/plain": {"schema": {"type": "string"}},
                                             "text/event-stream": {"schema": {"type": "string"}}}},
                         "400": _error("a bad parameter"), "404": _error("no such task"),

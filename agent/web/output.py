@@ -71,8 +71,31 @@ class ServerSentEvents:
                          if (text := decoder.decode(b"", final=True)))
         if record is None or not record.ended:
             return tails
-        return tails + _event("end", {"state": record.state, "exit_code": record.exit_code,
-                                      "error": record.error})
+        return tails + _event("end", end_summary(record))
+
+
+_REASON_OF_STATE = {"succeeded": "exited", "timed_out": "timeout", "cancelled": "cancelled",
+                    "lost": "lost"}
+
+
+def end_summary(record: TaskRecord) -> dict:
+    """What the SSE end event says: the state, how and why the task ended.
+
+    reason is exited, signalled, start_failed, timeout, cancelled or lost;
+    signal is set only when a signal the agent did not send ended it.
+    """
+    error = record.error or ""
+    signal = None
+    reason = _REASON_OF_STATE.get(record.state)
+    if reason is None:  # failed: exited non-zero, killed by a signal, or never started
+        if error.startswith("killed by signal") and record.exit_code and record.exit_code > 128:
+            reason, signal = "signalled", record.exit_code - 128
+        elif record.started_at is None:
+            reason = "start_failed"
+        else:
+            reason = "exited"
+    return {"state": record.state, "reason": reason, "exit_code": record.exit_code,
+            "signal": signal, "duration_ms": record.duration_ms, "error": error}
 
 
 def _event(name: str, payload: dict) -> bytes:
