@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import re
+import signal
 import sqlite3
 import threading
 from dataclasses import dataclass, fields, replace
@@ -226,6 +227,10 @@ class _SerialDatabase:
     # -- on the store thread
 
     def _serve(self) -> None:
+        # Signals are the main thread's business. Interrupted by one (every task's SIGCHLD),
+        # a timed queue.get can turn into an endless wait (CPython 3.11 recomputes a timeout
+        # that has just expired as a negative, i.e. infinite, one), and the writes stall.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         job = None
         while True:
             if job is None:

@@ -176,6 +176,17 @@ async def test_database_work_never_runs_on_the_reactor_thread(harness):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_store_thread_takes_no_signals(harness):
+    """Every task's SIGCHLD interrupting its timed wait once stalled all writes for good."""
+    await harness.store.get("0" * 32)  # the thread is up and serving
+    thread = harness.store._database._thread
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        assert blocked & (1 << (sig - 1)), sig
+
+
+@pytest_twisted.ensureDeferred
 async def test_close_writes_what_is_pending_and_history_survives_a_restart(tmp_path):
     first = Harness(tmp_path / "data")
     t = first.submit("echo", "hi")
