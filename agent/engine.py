@@ -84,6 +84,10 @@ class Engine:
         self._start_task = start
         self.live: dict[str, Task] = {}
         self.observers: list[Callable[[Task], None]] = []
+        """Called on each state change of a task: queued, running, finished (once each)."""
+        self.cleanup_observers: list[Callable[[Task], None]] = []
+        """Called once a finished task's cleanup is known (task.cleanup set): a separate
+        kind of news, so an observer can never take it for a second end."""
         self.output_taps: list[Callable[[Task], OutputSink]] = []
         """Each gives a second sink for a task's output (the store's spool),
         asked when the task starts; the door's own sink still gets every chunk."""
@@ -148,7 +152,8 @@ class Engine:
         if not emptied:
             log.error("task {id}: process group {pgid} still has members after repeated SIGKILL",
                       id=task.request.id or task.id, pgid=task.runner.pid)
-        self._notify(task)
+        for observer in self.cleanup_observers:
+            observer(task)
 
     def _settle(self, task: Task, outcome: Outcome, lane: Lane | None = None) -> None:
         """Record the end, then free the slot, then answer: observers see A end before B starts."""

@@ -13,8 +13,13 @@ class Ending(str, enum.Enum):
     SIGNALLED = "signalled"
     TIMED_OUT = "timeout"
     CANCELLED = "cancelled"
-    OUTPUT_LIMIT = "output_limit"
+    OUTPUT_LIMIT = "output_cap"
     START_FAILED = "start_failed"
+
+
+LOST = "lost"
+"""The reason the history gives a task that was running when the agent died."""
+REASONS = (*(ending.value for ending in Ending), LOST)
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ def makeService(options: Options, reactor=None) -> AgentService:
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
                   keep_tcp_output=bool(options["keep-tcp-output"]))
     engine.observers.append(store.observe)
+    engine.cleanup_observers.append(store.observe_cleanup)
     engine.output_taps.append(store.tap)
     agent = AgentService(engine, reactor, store)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue")

@@ -68,6 +68,14 @@ class TaskRecord:
     proc_start: int | None = None
     """/proc start time of pid, with session: tells our group from a later one that reused the PID."""
     session: int | None = None
+    reason: str | None = None
+    """Why it ended: an agent.outcome.Ending value, or 'lost'; None while it runs
+    (and for tasks recorded before the agent kept reasons)."""
+    signal: int | None = None
+    """The signal that killed it, when the agent did not send it."""
+    cleanup: str | None = None
+    """'complete' once its process group was verified empty, 'incomplete' if a
+    member survived repeated SIGKILL; None until known."""
 
     @property
     def ended(self) -> bool:
@@ -94,10 +102,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     exit_code INTEGER, error TEXT, pid INTEGER,
     stdout_bytes INTEGER NOT NULL, stderr_bytes INTEGER NOT NULL,
     stdout_dropped INTEGER NOT NULL, stderr_dropped INTEGER NOT NULL,
-    timeout REAL, request_id TEXT, proc_start INTEGER, session INTEGER
+    timeout REAL, request_id TEXT, proc_start INTEGER, session INTEGER,
+    reason TEXT, signal INTEGER, cleanup TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, seq);
 """
+_ADDED_COLUMNS = {"reason": "TEXT", "signal": "INTEGER", "cleanup": "TEXT"}
+"""Columns later versions added: a history written by an older agent gets them on open."""
 _UPSERT = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
            f"ON CONFLICT (id) DO UPDATE SET "
            + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in ("id", "created_at")))
@@ -108,11 +119,12 @@ def _row_of(task, live: "_Live", now: float) -> tuple:
     """An engine task as a row in _COLUMNS order, built straight from its attributes:
     this runs on the reactor for every state change of every task, TCP ones included."""
     runner, outcome = task.runner, task.outcome
-    pid = started_at = finished_at = duration_ms = exit_code = error = None
+    pid = started_at = finished_at = duration_ms = exit_code = error = reason = signal = None
     if runner is not None:
         pid, started_at = runner.pid, runner.started_at
     if outcome is not None:
         exit_code, error, duration_ms = outcome.exit_code, outcome.error, outcome.duration_ms
+        reason, signal = outcome.ending.value, outcome.signal
         if outcome.started:
             pid, started_at = outcome.pid, outcome.started_at
             finished_at = started_at + duration_ms / 1000.0
@@ -123,10 +135,12 @@ def _row_of(task, live: "_Live", now: float) -> tuple:
     request = task.request
     return (task.id, task.source, live.command_json, state_of(task), live.created_at,
             started_at, finished_at, duration_ms, exit_code, error, pid,
-            out, err, out_dropped, err_dropped, request.timeout, request.id, None, None)
+            out, err, out_dropped, err_dropped, request.timeout, request.id, None, None,
+            reason, signal, task.cleanup)
 
 
 _STATE, _PID, _PROC_START = _COLUMNS.index("state"), _COLUMNS.index("pid"), _COLUMNS.index("proc_start")
+_CLEANUP = _COLUMNS.index("cleanup")
 
 
 def _with_identity(row: tuple) -> tuple:
@@ -293,6 +307,8 @@ class Store:
         self._output_root = str(self._data_dir / "output")
         self._max_log_bytes = max_log_bytes
         self._live: dict[str, _Live] = {}
+        self._ended_rows: dict[str, tuple] = {}
+        """Rows of ended tasks whose cleanup is not known yet (at most CLEANUP_DEADLINE long)."""
         self._lock_fd: int | None = None
         self._database: _SerialDatabase | None = None
         self.recovered: list[str] = []
@@ -331,15 +347,24 @@ class Store:
 
     def observe(self, task) -> None:
         """Engine observer: record the task as queued, running, or ended."""
-        live = self._live.get(task.id)
-        if live is None:
-            if task.state == "finished":
-                return  # more news of an ended task (its group found empty): nothing to record
-            live = self._live_entry(task)
-        self._database.write(task.id, _row_of(task, live, self._reactor.seconds()))
+        if task.state == "finished" and task.id not in self._live:
+            return  # never seen queued: not a task of this store's engine
+        live = self._live_entry(task)
+        row = _row_of(task, live, self._reactor.seconds())
+        self._database.write(task.id, row)
         if task.state == "finished":
             del self._live[task.id]
             live.output.end()
+            if task.cleanup is None:
+                self._ended_rows[task.id] = row
+
+    def observe_cleanup(self, task) -> None:
+        """Engine cleanup observer: add to the ended task's record whether its group was emptied.
+
+        Usually in the same reactor turn as the end, so the write coalesces with it."""
+        row = self._ended_rows.pop(task.id, None)
+        if row is not None:
+            self._database.write(task.id, (*row[:_CLEANUP], task.cleanup, *row[_CLEANUP + 1:]))
 
     def tap(self, task) -> TaskOutput:
         """Engine output tap: the spool the task's output goes to."""
@@ -443,7 +468,16 @@ def _connect(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode = WAL")
     connection.execute("PRAGMA synchronous = NORMAL")
     connection.executescript(_SCHEMA)
+    _add_missing_columns(connection)
     return connection
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+    with connection:
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in present:
+                connection.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
 
 def _recover(connection: sqlite3.Connection, data_dir: Path, now: float) -> list[str]:
@@ -465,7 +499,8 @@ def _recover(connection: sqlite3.Connection, data_dir: Path, now: float) -> list
             out, out_dropped = size_on_disk(data_dir / "output" / task_id, 1)
             err, err_dropped = size_on_disk(data_dir / "output" / task_id, 2)
             connection.execute(
-                "UPDATE tasks SET state = 'lost', exit_code = -1, error = ?, finished_at = ?, "
+                "UPDATE tasks SET state = 'lost', reason = 'lost', exit_code = -1, error = ?, "
+                "finished_at = ?, "
                 "stdout_bytes = ?, stdout_dropped = ?, stderr_bytes = ?, stderr_dropped = ? "
                 "WHERE id = ?",
                 (LOST_RUNNING if state == "running" else LOST_QUEUED, now,

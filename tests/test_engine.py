@@ -92,8 +92,15 @@ class EngineTests(SynchronousTestCase):
         self.submit(lane, "b")
         exit_with(self.spawn.protocol(0))
         self.assertEqual(self.seen, [("a", "queued"), ("a", "running"), ("b", "queued"),
-                                     ("a", "finished"), ("b", "running"),
-                                     ("a", "finished")])  # the last: its group verified empty
+                                     ("a", "finished"), ("b", "running")])
+
+    def test_cleanup_is_news_of_its_own_after_the_end(self):
+        cleaned = []
+        self.engine.cleanup_observers.append(lambda t: cleaned.append((t.state, t.cleanup)))
+        self.submit(Lane(0), "a")
+        exit_with(self.spawn.protocol(0))
+        self.assertEqual(cleaned, [("finished", "complete")])
+        self.assertEqual(self.seen[-1], ("a", "finished"))
 
     def test_cleanup_is_recorded_and_a_surviving_group_reported(self):
         lane = Lane(0)

@@ -26,9 +26,11 @@ class Harness:
     def __init__(self, data_dir, max_log_bytes=1 << 20):
         host = FakeHost()
         host.clock.advance(1_700_000_000)
+        self.host = host
         self.clock, self.spawn, self.engine = host.clock, host.spawn, host.engine
         self.store = Store(data_dir, reactor, max_log_bytes).open()
         self.engine.observers.append(self.store.observe)
+        self.engine.cleanup_observers.append(self.store.observe_cleanup)
         self.engine.output_taps.append(self.store.tap)
         self.store.start()
 
@@ -107,6 +109,53 @@ async def test_a_running_task_shows_its_byte_counts_as_they_grow(harness):
     record = await harness.store.get(t.id)
     assert (record.stdout_bytes, record.stderr_bytes) == (5, 2)
     assert (await harness.store.list()).records[0].stdout_bytes == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_record_says_why_the_task_ended_and_whether_its_group_was_emptied(harness):
+    ok = harness.submit("true")
+    exit_with(harness.spawn.protocol(), 0)
+    killed = harness.submit("sleep")
+    exit_with(harness.spawn.protocol(), signal=15)
+    timed = harness.submit("sleep", timeout=1)
+    harness.kills_survivor = harness.spawn.protocol().pid
+    harness.host.kills.survivors.add(harness.kills_survivor)
+    harness.clock.advance(1)
+    got = {name: await harness.store.get(t.id) for name, t in
+           [("ok", ok), ("killed", killed), ("timed", timed)]}
+    assert (got["ok"].reason, got["ok"].signal, got["ok"].cleanup) == ("exited", None, "complete")
+    assert (got["killed"].reason, got["killed"].signal) == ("signalled", 15)
+    assert (got["timed"].reason, got["timed"].cleanup) == ("timeout", None)
+    harness.clock.pump([0.05] * 120)  # the group outlives the cleanup deadline
+    assert (await harness.store.get(timed.id)).cleanup == "incomplete"
+    assert harness.store._ended_rows == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_history_from_an_older_agent_gains_the_new_columns(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sqlite3.connect(data / "history.sqlite3")
+    old.executescript(
+        "CREATE TABLE tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+        "source TEXT NOT NULL, command TEXT NOT NULL, state TEXT NOT NULL, "
+        "created_at REAL NOT NULL, started_at REAL, finished_at REAL, duration_ms REAL, "
+        "exit_code INTEGER, error TEXT, pid INTEGER, stdout_bytes INTEGER NOT NULL, "
+        "stderr_bytes INTEGER NOT NULL, stdout_dropped INTEGER NOT NULL, "
+        "stderr_dropped INTEGER NOT NULL, timeout REAL, request_id TEXT, proc_start INTEGER, "
+        "session INTEGER);"
+        "INSERT INTO tasks (id, source, command, state, created_at, exit_code, error, "
+        "stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped) VALUES "
+        "('" + "a" * 32 + "', 'tcp', '[\"true\"]', 'succeeded', 1.0, 0, '', 0, 0, 0, 0);")
+    old.commit()
+    old.close()
+    store = Store(data, reactor).open()
+    store.start()
+    try:
+        record = await store.get("a" * 32)
+    finally:
+        await store.close()
+    assert (record.state, record.reason, record.cleanup) == ("succeeded", None, None)
 
 
 @pytest_twisted.ensureDeferred
@@ -214,6 +263,7 @@ async def test_tasks_live_when_the_agent_died_are_lost_on_the_next_start(tmp_pat
     assert sorted(second.store.recovered) == sorted([running.id, queued.id])
     lost_running, lost_queued = await second.store.get(running.id), await second.store.get(queued.id)
     assert (lost_running.state, lost_running.exit_code, lost_running.error) == ("lost", -1, LOST_RUNNING)
+    assert (lost_running.reason, lost_queued.reason) == ("lost", "lost")
     assert lost_running.stdout_bytes == 7
     assert (lost_queued.state, lost_queued.error) == ("lost", LOST_QUEUED)
     await second.store.close()

@@ -138,11 +138,36 @@ def test_end_event_says_why_each_kind_of_task_ended():
         (_ended("timed_out", -1, "timeout exceeded"), ("timeout", None)),
         (_ended("cancelled", -1, "cancelled by request"), ("cancelled", None)),
         (_ended("lost", -1, "agent stopped while the task was running"), ("lost", None)),
+        (_ended("failed", -1, "output limit exceeded"), ("output_cap", None)),
     ]
     for record, (reason, signal) in cases:
         summary = end_summary(record)
         assert (summary["reason"], summary["signal"]) == (reason, signal), record.state
         assert summary["duration_ms"] == 1000.0 and summary["state"] == record.state
+
+
+def test_the_end_event_takes_the_recorded_reason_over_a_guess():
+    from dataclasses import replace
+
+    from agent.web.output import end_summary
+    record = replace(_ended("failed", 143, "killed by signal 15 (SIGTERM)"), reason="signalled",
+                     signal=15)
+    assert (end_summary(record)["reason"], end_summary(record)["signal"]) == ("signalled", 15)
+    capped = replace(_ended("failed", -1, "output limit exceeded"), reason="output_cap")
+    assert end_summary(capped)["reason"] == "output_cap"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_over_its_output_cap_is_ended_and_the_end_event_says_so(api):
+    record = await api.start("yes", max_output_bytes=100_000)
+    ended = await api.wait_for_state(record["id"], "failed")
+    assert (ended["reason"], ended["error"], ended["exit_code"]) == \
+        ("output_cap", "output limit exceeded", -1)
+    assert ended["stdout_bytes"] == 100_000
+    _, chunks, done = await follow(api, record["id"], headers={"Accept": "text/event-stream"})
+    await done
+    name, end = _parse_events(b"".join(chunks).decode())[-1]
+    assert (name, end["reason"], end["state"]) == ("end", "output_cap", "failed")
 
 
 @pytest_twisted.ensureDeferred

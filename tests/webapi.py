@@ -30,6 +30,7 @@ class LiveApi:
         self.store = Store(data_dir, reactor, max_log_bytes, keep_tcp_output).open()
         self.store.start()
         self.engine.observers.append(self.store.observe)
+        self.engine.cleanup_observers.append(self.store.observe_cleanup)
         self.engine.output_taps.append(self.store.tap)
         self.lane = Lane(max_running)
         site = make_site(self.engine, self.store, self.lane, TOKEN, kill_grace, reactor)

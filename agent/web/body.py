@@ -12,7 +12,7 @@ from agent.messages import TaskRequest
 from agent.web.errors import BadRequest, PayloadTooLarge, Unprocessable
 
 MAX_BODY = 1 << 20
-TASK_FIELDS = ("command", "args", "timeout", "env", "cwd", "limits")
+TASK_FIELDS = ("command", "args", "timeout", "env", "cwd", "limits", "max_output_bytes")
 
 
 class CappedContent(io.BytesIO):
@@ -40,6 +40,7 @@ class TaskSpec:
     request: TaskRequest
     env: Mapping[str, str] | None = None
     cwd: str | None = None
+    max_output_bytes: int | None = None
 
     def run_options(self, base_env: Mapping[str, str] = os.environ) -> dict:
         """env adds to (or overrides) the agent's environment; it is never stored."""
@@ -48,6 +49,8 @@ class TaskSpec:
             options["env"] = {**base_env, **self.env}
         if self.cwd is not None:
             options["cwd"] = self.cwd
+        if self.max_output_bytes is not None:
+            options["output_limit"] = self.max_output_bytes
         return options
 
 
@@ -72,7 +75,8 @@ def parse_task(body: Any) -> TaskSpec:
         raise Unprocessable(f'unknown field "{unknown[0]}"; the fields are {", ".join(TASK_FIELDS)}')
     command = (_command(body.get("command")), *_args(body.get("args")))
     request = TaskRequest(command, _timeout(body.get("timeout")), limits=_limits(body.get("limits")))
-    return TaskSpec(request, _env(body.get("env")), _cwd(body.get("cwd")))
+    return TaskSpec(request, _env(body.get("env")), _cwd(body.get("cwd")),
+                    _positive_int("max_output_bytes", body.get("max_output_bytes")))
 
 
 def _command(value: Any) -> str:
@@ -113,6 +117,14 @@ def _limits(value: Any) -> tuple[tuple[str, int], ...]:
         return messages.parse_limits(value)
     except messages.BadRequest as e:
         raise Unprocessable(e.message) from None
+
+
+def _positive_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise Unprocessable(f'"{name}" must be a whole number of at least 1, not {value!r}')
+    return value
 
 
 def _env(value: Any) -> dict[str, str] | None:

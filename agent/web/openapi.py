@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.messages import LIMIT_NAMES
+from agent.outcome import REASONS
 from agent.store import STATES
 
 TASK_PROPERTIES: dict[str, Any] = {
@@ -25,7 +26,14 @@ TASK_PROPERTIES: dict[str, Any] = {
     "stderr_bytes": {"type": "integer"},
     "stdout_dropped": {"type": "integer", "description": "oldest bytes not kept (--max-log-bytes)"},
     "stderr_dropped": {"type": "integer"},
-    "request_id": {"type": "string", "nullable": True, "description": "the TCP request's id"},
+    "request_id": {"type": "string", "nullable": True,
+                   "description": "the TCP request's id or the HTTP Idempotency-Key"},
+    "reason": {"type": "string", "nullable": True, "enum": [*REASONS, None],
+               "description": "why it ended; null while it runs"},
+    "signal": {"type": "integer", "nullable": True,
+               "description": "the signal that killed it, when the agent did not send it"},
+    "cleanup": {"type": "string", "nullable": True, "enum": ["complete", "incomplete", None],
+                "description": "whether its process group was verified empty after the end"},
 }
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -75,6 +83,11 @@ def document() -> dict[str, Any]:
                                    "description": "resource limits applied in the child, as on TCP",
                                    "properties": {name: {"type": "integer", "minimum": 1}
                                                   for name in LIMIT_NAMES}},
+                        "max_output_bytes": {
+                            "type": "integer", "minimum": 1,
+                            "description": "end the task (reason output_cap) once it has written "
+                                           "this many stdout bytes; absent: no cap, and "
+                                           "--max-log-bytes keeps the newest output"},
                     }},
                 "TaskPage": {"type": "object", "required": ["tasks", "next"], "properties": {
                     "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},

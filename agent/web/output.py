@@ -81,21 +81,28 @@ _REASON_OF_STATE = {"succeeded": "exited", "timed_out": "timeout", "cancelled": 
 def end_summary(record: TaskRecord) -> dict:
     """What the SSE end event says: the state, how and why the task ended.
 
-    reason is exited, signalled, start_failed, timeout, cancelled or lost;
-    signal is set only when a signal the agent did not send ended it.
+    reason is one of agent.outcome.REASONS (exited, signalled, timeout, cancelled,
+    output_cap, start_failed, lost); signal is set only when a signal the agent
+    did not send ended it.
     """
-    error = record.error or ""
-    signal = None
-    reason = _REASON_OF_STATE.get(record.state)
-    if reason is None:  # failed: exited non-zero, killed by a signal, or never started
-        if error.startswith("killed by signal") and record.exit_code and record.exit_code > 128:
-            reason, signal = "signalled", record.exit_code - 128
-        elif record.started_at is None:
-            reason = "start_failed"
-        else:
-            reason = "exited"
+    reason, signal = record.reason, record.signal
+    if reason is None:
+        reason, signal = _reason_of_an_old_record(record)
     return {"state": record.state, "reason": reason, "exit_code": record.exit_code,
-            "signal": signal, "duration_ms": record.duration_ms, "error": error}
+            "signal": signal, "duration_ms": record.duration_ms, "error": record.error or ""}
+
+
+def _reason_of_an_old_record(record: TaskRecord) -> tuple[str, int | None]:
+    """Records written before the agent kept reasons: read it from the state and error."""
+    reason = _REASON_OF_STATE.get(record.state)
+    if reason is not None:
+        return reason, None
+    error = record.error or ""
+    if error.startswith("killed by signal") and record.exit_code and record.exit_code > 128:
+        return "signalled", record.exit_code - 128
+    if error == "output limit exceeded":
+        return "output_cap", None
+    return ("start_failed" if record.started_at is None else "exited"), None
 
 
 def _event(name: str, payload: dict) -> bytes:

@@ -68,6 +68,9 @@ def task_json(record: TaskRecord) -> dict[str, Any]:
         "stdout_dropped": record.stdout_dropped,
         "stderr_dropped": record.stderr_dropped,
         "request_id": record.request_id,
+        "reason": record.reason,
+        "signal": record.signal,
+        "cleanup": record.cleanup,
     }
 
 
