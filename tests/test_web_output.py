@@ -76,6 +76,51 @@ async def test_a_late_follower_sees_everything_and_offset_skips_ahead(api, tmp_p
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_follow_resumes_each_stream_exactly_where_it_was_left(api, tmp_path):
+    gate = tmp_path / "go"
+    record = await api.start("sh", "-c", f"printf abcdef; printf 123 >&2; "
+                                         f"while [ ! -e {gate} ]; do sleep 0.01; done; "
+                                         f"printf gh; printf 45 >&2")
+    await eventually(lambda: api.json("GET", f"/tasks/{record['id']}"),
+                     lambda r: (r["stdout_bytes"], r["stderr_bytes"]) == (6, 3))
+    response, chunks, done = await follow(api, record["id"],
+                                          "&stream=both&stdout_offset=4&stderr_offset=1")
+    assert response.headers.getRawHeaders("X-Stdout-Offset") == ["4"]
+    assert response.headers.getRawHeaders("X-Stderr-Offset") == ["1"]
+    gate.touch()
+    await done
+    assert sorted(b"".join(chunks)) == sorted(b"ef" + b"23" + b"gh" + b"45")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_source_reconnecting_with_last_event_id_misses_and_repeats_nothing(api):
+    record = await api.start("sh", "-c", "printf one; printf ONE >&2; printf two")
+    await api.wait_for_state(record["id"], "succeeded")
+    first = await api.request("GET", f"/tasks/{record['id']}/output?stream=both",
+                              headers={"Accept": "text/event-stream"})
+    blocks = (await first.text()).strip().split("\n\n")
+    ids = [line[4:] for block in blocks for line in block.splitlines() if line.startswith("id: ")]
+    assert ids and ids[-1] == "stdout:6,stderr:3"
+    again = await api.request("GET", f"/tasks/{record['id']}/output?stream=both",
+                              headers={"Accept": "text/event-stream", "Last-Event-ID": ids[-1]})
+    assert again.headers.getRawHeaders("X-Stdout-Offset") == ["6"]
+    events = _parse_events(await again.text())
+    assert [name for name, _ in events] == ["end"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_start_offset_says_where_kept_output_really_begins(make_api):
+    api = make_api(max_log_bytes=1000)
+    record = await api.start("head", "-c", "100000", "/dev/zero")
+    done = await api.wait_for_state(record["id"], "succeeded")
+    response = await api.request("GET", f"/tasks/{record['id']}/output?offset=10")
+    body = await response.content()
+    start = int(response.headers.getRawHeaders("X-Stdout-Offset")[0])
+    assert start == done["stdout_dropped"] > 10
+    assert len(body) == 100_000 - start
+
+
+@pytest_twisted.ensureDeferred
 async def test_stdout_and_stderr_are_kept_apart(api):
     record = await api.start("sh", "-c", "echo out; echo err >&2; echo out2")
     await api.wait_for_state(record["id"], "succeeded")
@@ -287,6 +332,7 @@ def _parse_events(text: str) -> list[tuple[str, dict]]:
     events = []
     for block in text.strip().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines())
+        fields.pop("id", None)
         events.append((fields["event"], json.loads(fields["data"])))
     return events
 

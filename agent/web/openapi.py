@@ -154,7 +154,18 @@ def document() -> dict[str, Any]:
                             "type": "string", "enum": ["stdout", "stderr", "both"],
                             "default": "stdout"}},
                         {"name": "offset", "in": "query", "schema": {
-                            "type": "integer", "minimum": 0, "default": 0}},
+                            "type": "integer", "minimum": 0, "default": 0},
+                         "description": "byte offset to start each stream at"},
+                        {"name": "stdout_offset", "in": "query", "schema": {
+                            "type": "integer", "minimum": 0},
+                         "description": "byte offset for stdout alone (overrides offset)"},
+                        {"name": "stderr_offset", "in": "query", "schema": {
+                            "type": "integer", "minimum": 0},
+                         "description": "byte offset for stderr alone (overrides offset)"},
+                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                         "description": "the id of the last event received (stdout:N,stderr:M), "
+                                        "as an EventSource sends on reconnecting: resumes both "
+                                        "streams there when no offset is given"},
                         {"name": "follow", "in": "query", "schema": {
                             "type": "boolean", "default": False}}],
                     "responses": {
@@ -162,6 +173,12 @@ def document() -> dict[str, Any]:
                                                "Accept: text/event-stream (events stdout, stderr, "
                                                "dropped, and end: state, reason, exit_code, signal, "
                                                "duration_ms, error)",
+                                "headers": {
+                                    "X-Stdout-Offset": {"schema": {"type": "integer"},
+                                                        "description": "where stdout starts"},
+                                    "X-Stderr-Offset": {"schema": {"type": "integer"},
+                                                        "description": "where stderr starts"},
+                                    "X-Task-State": {"schema": {"type": "string"}}},
                                 "content": {"text/plain": {"schema": {"type": "string"}},
                                             "text/event-stream": {"schema": {"type": "string"}}}},
                         "400": _error("a bad parameter"), "404": _error("no such task"),

@@ -48,18 +48,22 @@ class PlainText:
 class ServerSentEvents:
     """One event per chunk, named by its stream; its data is JSON, so any byte survives.
 
-    `next` in each event is the offset to pass as ?offset= to resume that stream.
+    `next` in each event is the offset to pass as ?offset= to resume that stream;
+    the event's id carries both streams' offsets ("stdout:N,stderr:M"), so an
+    EventSource that reconnects (sending Last-Event-ID) resumes both exactly.
     """
 
     content_type = b"text/event-stream"
 
-    def __init__(self):
+    def __init__(self, offsets: dict[int, int] | None = None):
         self._decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in STREAMS}
-        self._next = dict.fromkeys(STREAMS, 0)
+        self._next = {fd: (offsets or {}).get(fd, 0) for fd in STREAMS}
 
     def chunk(self, fd: int, data: bytes, next_offset: int) -> bytes:
         self._next[fd] = next_offset
-        return _event(STREAMS[fd], {"text": self._decoders[fd].decode(data), "next": next_offset})
+        event_id = ",".join(f"{STREAMS[n]}:{offset}" for n, offset in self._next.items())
+        return _event(STREAMS[fd], {"text": self._decoders[fd].decode(data), "next": next_offset},
+                      event_id)
 
     def skipped(self, fd: int, count: int) -> bytes:
         return _event("dropped", {"stream": STREAMS[fd], "bytes": count})
@@ -105,8 +109,9 @@ def _reason_of_an_old_record(record: TaskRecord) -> tuple[str, int | None]:
     return ("start_failed" if record.started_at is None else "exited"), None
 
 
-def _event(name: str, payload: dict) -> bytes:
-    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload).encode())
+def _event(name: str, payload: dict, event_id: str | None = None) -> bytes:
+    head = b"" if event_id is None else b"id: %s\n" % event_id.encode()
+    return head + b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload).encode())
 
 
 @implementer(IPushProducer)
@@ -238,33 +243,53 @@ class OutputEndpoint:
 
     def get(self, request, id: str):
         fds = STREAM_CHOICES[choice_arg(request, "stream", tuple(STREAM_CHOICES), "stdout")]
-        offset = _offset(request)
+        offsets = _offsets(request)
         follow = _follow(request)
-        form = ServerSentEvents() if _wants_events(request) else PlainText()
+        form = ServerSentEvents(offsets) if _wants_events(request) else PlainText()
         found = self._store.get(id)
-        found.addCallback(self._stream, request, id, fds, offset, follow, form)
+        found.addCallback(self._stream, request, id, fds, offsets, follow, form)
         return found
 
-    def _stream(self, record: TaskRecord | None, request, task_id, fds, offset, follow, form):
+    def _stream(self, record: TaskRecord | None, request, task_id, fds, offsets, follow, form):
         if record is None:
             raise NotFound(f"no task with id {task_id!r}")
         live = self._store.live_output(task_id) if follow else None
-        readers = {fd: self._store.reader(task_id, fd, offset) for fd in fds}
+        readers = {fd: self._store.reader(task_id, fd, offsets[fd]) for fd in fds}
         limits = None if follow else {1: record.stdout_bytes, 2: record.stderr_bytes}
         request.setHeader(b"Content-Type", form.content_type)
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Task-State", record.state.encode())
         for fd in fds:
             dropped = record.stdout_dropped if fd == 1 else record.stderr_dropped
-            request.setHeader(b"X-%s-Dropped" % STREAMS[fd].capitalize().encode(), b"%d" % dropped)
+            name = STREAMS[fd].capitalize().encode()
+            request.setHeader(b"X-%s-Dropped" % name, b"%d" % dropped)
+            # where this response starts: bytes before the oldest kept one are gone
+            request.setHeader(b"X-%s-Offset" % name, b"%d" % max(offsets[fd], dropped))
         OutputStreamer(request, readers, live, form, limits,
                        finale=lambda: self._store.get(task_id).addCallback(form.end),
                        clock=self._clock).start()
         return STREAMING
 
 
-def _offset(request) -> int:
-    return int_arg(request, "offset", 0, low=0)
+def _offsets(request) -> dict[int, int]:
+    """Where each stream starts: ?stdout_offset= / ?stderr_offset=, else ?offset=, else the
+    offsets in an EventSource's Last-Event-ID (it sends one when it reconnects), else 0."""
+    resumed = _last_event_offsets(request)
+    common = int_arg(request, "offset", -1, low=0)
+    return {fd: int_arg(request, f"{name}_offset",
+                        common if common >= 0 else resumed.get(fd, 0), low=0)
+            for fd, name in STREAMS.items()}
+
+
+def _last_event_offsets(request) -> dict[int, int]:
+    raw = (request.getHeader(b"last-event-id") or b"").decode("ascii", "replace")
+    fds = {name: fd for fd, name in STREAMS.items()}
+    offsets = {}
+    for part in raw.split(","):
+        name, _, value = part.strip().partition(":")
+        if name in fds and value.isdigit():
+            offsets[fds[name]] = int(value)
+    return offsets
 
 
 def _follow(request) -> bool:
