@@ -23,6 +23,18 @@ class Busy(Exception):
     """The lane's limit is reached and it rejects rather than queues."""
 
 
+class AlreadyKnown(Exception):
+    """The request's id (its idempotency key) names a task the agent already has:
+    it is not run again. `task` is the live task, or None if it has ended
+    (then `task_id` names it in the history)."""
+
+    def __init__(self, key: str, task_id: str, task: "Task | None" = None):
+        super().__init__(key)
+        self.key = key
+        self.task_id = task_id
+        self.task = task
+
+
 class Lane:
     """A concurrency limit shared by every task submitted through it.
 
@@ -52,9 +64,10 @@ class Lane:
 
 
 class Task:
-    """One submitted task: its request, its state, and a Deferred of its Outcome."""
+    """One submitted task: its request, its state, and its Outcome once it ends."""
 
-    def __init__(self, request: TaskRequest, source: str, sink: OutputSink, task_id: str):
+    def __init__(self, request: TaskRequest, source: str, sink: OutputSink, task_id: str,
+                 held: bool = False):
         self.id = task_id
         self.request = request
         self.source = source
@@ -65,8 +78,32 @@ class Task:
         self.cleanup: str | None = None
         """'complete' once its process group is verified empty, 'incomplete' if
         something in it survived repeated SIGKILL, None until known."""
-        self.result: Deferred[Outcome] = Deferred()
+        self.holders: int | None = 1 if held else None
+        """Clients whose going away ends the task (a TCP connection, a POST /run);
+        None for a task that lives on its own (POST /tasks)."""
+        self._waiters: list[Deferred] = []
         self._waiting_for_slot: Deferred | None = None
+
+    def ended(self) -> Deferred[Outcome]:
+        """A Deferred of the Outcome, new for each caller: what one waiter's
+        callbacks return can never reach another's."""
+        if self.outcome is not None:
+            return succeed(self.outcome)
+        waiter: Deferred[Outcome] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def hold(self) -> None:
+        """One more client (a retry of the same id) now waits for this task."""
+        if self.holders is not None:
+            self.holders += 1
+
+    def _let_go(self) -> bool:
+        """One holder left; True when none is left and the task should end."""
+        if self.holders is None or self.outcome is not None:
+            return False
+        self.holders -= 1
+        return self.holders <= 0
 
     def cancel(self, message: str = "cancelled", grace: float = 0.0) -> None:
         """Drop the task if it waits for a slot; otherwise end its process group."""
@@ -83,6 +120,9 @@ class Engine:
         self._reactor = reactor
         self._start_task = start
         self.live: dict[str, Task] = {}
+        self.live_by_key: dict[str, Task] = {}
+        self.history_lookup: Callable[[str], str | None] = lambda key: None
+        """The id of an ended task submitted with this key, if the history knows one."""
         self.observers: list[Callable[[Task], None]] = []
         """Called on each state change of a task: queued, running, finished (once each)."""
         self.cleanup_observers: list[Callable[[Task], None]] = []
@@ -93,20 +133,39 @@ class Engine:
         asked when the task starts; the door's own sink still gets every chunk."""
 
     def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
-               **run_options) -> Task:
-        """Queue or start a task; raise Busy when the lane is full and rejects.
+               held: bool = False, **run_options) -> Task:
+        """Queue or start a task; raise Busy when the lane is full and rejects,
+        AlreadyKnown when its id names a task submitted before (never run twice).
 
+        held: the task ends when its holders let go (see release_many).
         run_options (env, cwd, output_limit, ...) go to the runner unchanged.
         """
+        key = request.id or None
+        if key is not None:
+            self._refuse_known(key)
         slot = lane.acquire()
-        task = Task(request, source, sink, uuid.uuid4().hex)
+        task = Task(request, source, sink, uuid.uuid4().hex, held)
         self.live[task.id] = task
+        if key is not None:
+            self.live_by_key[key] = task
         self._notify(task)
         if not slot.called:
             task._waiting_for_slot = slot
         slot.addCallbacks(self._start, self._dropped, callbackArgs=(task, lane, run_options),
                           errbackArgs=(task,))
         return task
+
+    def _refuse_known(self, key: str) -> None:
+        live = self.live_by_key.get(key)
+        if live is not None:
+            raise AlreadyKnown(key, live.id, live)
+        ended = self.history_lookup(key)
+        if ended is not None:
+            raise AlreadyKnown(key, ended)
+
+    def release_many(self, tasks, message: str) -> None:
+        """Their clients went away: end each task no other client still holds."""
+        self.cancel_many([task for task in tasks if task._let_go()], message)
 
     def cancel_all(self, message: str) -> None:
         """End every live task now; used when the agent shuts down."""
@@ -158,12 +217,16 @@ class Engine:
     def _settle(self, task: Task, outcome: Outcome, lane: Lane | None = None) -> None:
         """Record the end, then free the slot, then answer: observers see A end before B starts."""
         del self.live[task.id]
+        if task.request.id:
+            self.live_by_key.pop(task.request.id, None)
         task.outcome = outcome
         task.state = "finished"
         self._notify(task)
         if lane is not None:
             lane.release()
-        task.result.callback(outcome)
+        waiters, task._waiters = task._waiters, []
+        for waiter in waiters:
+            waiter.callback(outcome)
 
     def _notify(self, task: Task) -> None:
         for observer in self.observers:

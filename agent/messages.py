@@ -68,11 +68,19 @@ def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:
         raise BadRequest(e.message, command=command, id=request_id) from None
 
 
+MAX_ID = 1024
+"""Longest id: every id is kept in memory as an idempotency key while its task is in the history."""
+
+
 def _parse_id(obj: dict) -> str | None:
     request_id = obj.get("id")
-    if request_id is None or isinstance(request_id, str):
-        return request_id
-    raise BadRequest(f'"id" must be a string, not {_json_type(request_id)}')
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str):
+        raise BadRequest(f'"id" must be a string, not {_json_type(request_id)}')
+    if len(request_id) > MAX_ID:
+        raise BadRequest(f'"id" must be at most {MAX_ID} characters, not {len(request_id)}')
+    return request_id
 
 
 def _parse_command(command: Any) -> tuple[str, ...]:
@@ -128,7 +136,7 @@ def _json_type(value: Any) -> str:
 
 
 def encode_result(command: Any, outcome: Outcome, output: str | None,
-                  request_id: str | None = None) -> bytes:
+                  request_id: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
     """One result line (with its newline) for a task that was attempted.
 
     A task that never started carries no executed_at, duration_ms or output,
@@ -142,6 +150,8 @@ def encode_result(command: Any, outcome: Outcome, output: str | None,
     if outcome.started:
         result["output"] = output if output is not None else ""
     result["error"] = outcome.error
+    if extra:
+        result.update(extra)
     return _line(result, request_id)
 
 
@@ -156,7 +166,8 @@ _SHORT_ESCAPES = ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\n", b"\\n"), (b"\r", b"\
 
 
 def encode_result_pieces(command: Any, outcome: Outcome, stdout: Iterable[bytes],
-                         request_id: str | None = None) -> Iterator[bytes]:
+                         request_id: str | None = None,
+                         extra: dict[str, Any] | None = None) -> Iterator[bytes]:
     """encode_result's line for stdout given as raw chunks, in pieces.
 
     The bytes joined are exactly encode_result(..., output=stdout decoded),
@@ -164,11 +175,11 @@ def encode_result_pieces(command: Any, outcome: Outcome, stdout: Iterable[bytes]
     of megabytes is never held twice over (text, JSON, bytes) in memory.
     """
     if not outcome.started:
-        yield encode_result(command, outcome, None, request_id)
+        yield encode_result(command, outcome, None, request_id, extra)
         return
     # Inside a JSON string every quote is escaped, so the first unescaped
     # '"output": ""' in the line is the output field itself.
-    before, after = encode_result(command, outcome, "", request_id).split(_EMPTY_OUTPUT, 1)
+    before, after = encode_result(command, outcome, "", request_id, extra).split(_EMPTY_OUTPUT, 1)
     yield before + b'"output": "'
     yield from escape_output(stdout)
     yield b'"' + after

@@ -44,6 +44,7 @@ class StdoutCollector:
     def __init__(self):
         self.chunks: list[bytes] = []
         self.sizes = {1: 0, 2: 0}
+        self._readers = 1
 
     def received(self, fd: int, data: bytes) -> None:
         self.sizes[fd] = self.sizes.get(fd, 0) + len(data)
@@ -54,9 +55,19 @@ class StdoutCollector:
         """stdout decoded as UTF-8, invalid bytes replaced, so JSON stays valid."""
         return b"".join(self.chunks).decode("utf-8", "replace")
 
+    def share(self) -> None:
+        """One more reader of the same output (a retry of the same id) will drain it."""
+        self._readers += 1
+
     def drain(self) -> Iterator[bytes]:
-        """stdout chunk by chunk, each forgotten as it is handed out, so a large
-        output's memory is given back while its result is being sent."""
+        """stdout chunk by chunk; the last reader forgets each chunk as it is handed
+        out, so a large output's memory is given back while its result is being sent."""
+        if self._readers > 1:
+            self._readers -= 1
+            return iter(list(self.chunks))
+        return self._drain()
+
+    def _drain(self) -> Iterator[bytes]:
         self.chunks.reverse()
         while self.chunks:
             yield self.chunks.pop()

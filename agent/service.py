@@ -136,11 +136,12 @@ def makeService(options: Options, reactor=None) -> AgentService:
                   keep_tcp_output=bool(options["keep-tcp-output"]))
     engine.observers.append(store.observe)
     engine.cleanup_observers.append(store.observe_cleanup)
+    engine.history_lookup = store.task_for_key
     engine.output_taps.append(store.tap)
     agent = AgentService(engine, reactor, store)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue")
     factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"], reactor,
-                              max_output=options["max-output-bytes"])
+                              max_output=options["max-output-bytes"], history=store)
     tcp = _LoggedEndpointService(serverFromString(reactor, options["listen"]), factory,
                                  "TCP task protocol", reactor)
     tcp.setServiceParent(agent)

@@ -307,6 +307,10 @@ class Store:
         self._output_root = str(self._data_dir / "output")
         self._max_log_bytes = max_log_bytes
         self._live: dict[str, _Live] = {}
+        self._keys: dict[str, str] = {}
+        """Idempotency key (a request's id) -> the task submitted with it, for every
+        task in the history: the engine asks synchronously, so a retry racing its
+        first attempt still finds it."""
         self._ended_rows: dict[str, tuple] = {}
         """Rows of ended tasks whose cleanup is not known yet (at most CLEANUP_DEADLINE long)."""
         self._lock_fd: int | None = None
@@ -325,6 +329,9 @@ class Store:
         self._lock_fd = _lock(self._data_dir / "lock")
         connection = _connect(self._data_dir / "history.sqlite3")
         self.recovered = _recover(connection, self._data_dir, self._reactor.seconds())
+        self._keys = dict(connection.execute(
+            "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL AND request_id != '' "
+            "ORDER BY seq"))
         self._database = _SerialDatabase(connection, self._reactor)
         return self
 
@@ -366,6 +373,15 @@ class Store:
         if row is not None:
             self._database.write(task.id, (*row[:_CLEANUP], task.cleanup, *row[_CLEANUP + 1:]))
 
+    def task_for_key(self, key: str) -> str | None:
+        """The id of the task submitted with this idempotency key, if any."""
+        return self._keys.get(key)
+
+    def _forgotten(self, task_ids) -> None:
+        """Tasks removed from the history (pruned or purged): their keys may be used again."""
+        gone = set(task_ids)
+        self._keys = {key: task_id for key, task_id in self._keys.items() if task_id not in gone}
+
     def tap(self, task) -> TaskOutput:
         """Engine output tap: the spool the task's output goes to."""
         return self._live_entry(task).output
@@ -373,6 +389,8 @@ class Store:
     def _live_entry(self, task) -> _Live:
         live = self._live.get(task.id)
         if live is None:
+            if task.request.id:
+                self._keys[task.request.id] = task.id
             live = self._live[task.id] = _Live(
                 self._reactor.seconds(), json.dumps(list(task.request.command)),
                 TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.engine import Busy, Lane
+from agent.engine import AlreadyKnown, Busy, Lane
 from agent.messages import TaskRequest
 from agent.outcome import Ending
 from agent.process import StdoutCollector
@@ -25,7 +25,7 @@ class EngineTests(SynchronousTestCase):
         first = self.submit(lane)
         self.assertRaises(Busy, self.submit, lane)
         exit_with(self.spawn.protocol(), 0)
-        self.assertEqual(self.successResultOf(first.result).exit_code, 0)
+        self.assertEqual(self.successResultOf(first.ended()).exit_code, 0)
         self.submit(lane)
         self.assertEqual(len(self.spawn.spawned), 2)
 
@@ -33,7 +33,7 @@ class EngineTests(SynchronousTestCase):
         lane = Lane(1)
         self.spawn.fail_with = FileNotFoundError(2, "No such file or directory")
         failed = self.submit(lane)
-        self.assertEqual(self.successResultOf(failed.result).ending, Ending.START_FAILED)
+        self.assertEqual(self.successResultOf(failed.ended()).ending, Ending.START_FAILED)
         self.spawn.fail_with = None
         self.submit(lane)
         self.assertEqual(lane.running, 1)
@@ -64,7 +64,7 @@ class EngineTests(SynchronousTestCase):
         self.submit(lane, "a")
         queued = self.submit(lane, "b")
         queued.cancel("client disconnected")
-        outcome = self.successResultOf(queued.result)
+        outcome = self.successResultOf(queued.ended())
         self.assertEqual((outcome.ending, outcome.started), (Ending.CANCELLED, False))
         exit_with(self.spawn.protocol(0))
         self.assertEqual(len(self.spawn.spawned), 1, "a dropped task must never start")
@@ -74,8 +74,8 @@ class EngineTests(SynchronousTestCase):
         lane = Lane(1, queue=True)
         running, queued = self.submit(lane, "a"), self.submit(lane, "b")
         self.engine.cancel_all("agent shutting down")
-        self.assertEqual(self.successResultOf(running.result).error, "agent shutting down")
-        self.assertEqual(self.successResultOf(queued.result).ending, Ending.CANCELLED)
+        self.assertEqual(self.successResultOf(running.ended()).error, "agent shutting down")
+        self.assertEqual(self.successResultOf(queued.ended()).ending, Ending.CANCELLED)
         self.assertEqual(self.engine.live, {})
         self.assertEqual(len(self.spawn.spawned), 1)
 
@@ -133,3 +133,60 @@ class EngineTests(SynchronousTestCase):
         self.submit(lane, "b").cancel()
         self.assertEqual(asked, [running.id])
 
+
+
+class IdempotencyTests(SynchronousTestCase):
+    """A request id is an idempotency key: the engine never starts a second task for it."""
+
+    def setUp(self):
+        host = FakeHost()
+        self.spawn, self.engine = host.spawn, host.engine
+        self.history: dict[str, str] = {}
+        self.engine.history_lookup = self.history.get
+
+    def submit(self, key, lane=None, held=False):
+        return self.engine.submit(TaskRequest(("cmd",), id=key), lane or Lane(0),
+                                  StdoutCollector(), held=held)
+
+    def test_a_live_key_names_the_running_task_even_when_the_lane_is_full(self):
+        lane = Lane(1)
+        first = self.submit("k", lane)
+        known = self.assertRaises(AlreadyKnown, self.submit, "k", lane)
+        self.assertIs(known.task, first)
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_an_ended_key_is_found_in_the_history(self):
+        first = self.submit("k")
+        exit_with(self.spawn.protocol())
+        self.assertNotIn("k", self.engine.live_by_key)
+        self.history["k"] = first.id
+        known = self.assertRaises(AlreadyKnown, self.submit, "k")
+        self.assertEqual((known.task, known.task_id), (None, first.id))
+
+    def test_tasks_without_a_key_never_collide(self):
+        self.submit(None)
+        self.submit("")
+        self.submit(None)
+        self.assertEqual(len(self.spawn.spawned), 3)
+
+    def test_a_held_task_ends_only_when_its_last_holder_lets_go(self):
+        task = self.submit("k", held=True)
+        task.hold()  # a retry waits for it too
+        self.engine.release_many([task], "client disconnected")
+        self.assertIsNone(task.outcome)
+        self.engine.release_many([task], "client disconnected")
+        self.assertEqual(self.successResultOf(task.ended()).error, "client disconnected")
+
+    def test_a_task_nobody_holds_outlives_any_release(self):
+        task = self.submit("k")
+        task.hold()
+        self.engine.release_many([task], "client disconnected")
+        self.assertIsNone(task.outcome)
+
+    def test_each_waiter_gets_the_outcome_whatever_the_others_return(self):
+        task = self.submit("k")
+        first, second = task.ended(), task.ended()
+        first.addCallback(lambda _: None)
+        exit_with(self.spawn.protocol(), 3)
+        self.assertEqual(self.successResultOf(second).exit_code, 3)
+        self.assertEqual(self.successResultOf(task.ended()).exit_code, 3)

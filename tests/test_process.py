@@ -303,3 +303,14 @@ async def test_a_pipe_is_grown_only_once_its_writer_fills_it():
         sizes[label] = fcntl.fcntl(runner.transport.pipes[1].fileno(), fcntl.F_GETPIPE_SZ)
         await runner.ended
     assert sizes == {"quiet": DEFAULT_PIPE_SIZE, "loud": PIPE_SIZE}
+
+
+def test_a_shared_collector_gives_every_reader_all_chunks_and_the_last_frees_them():
+    collector = StdoutCollector()
+    for chunk in (b"a", b"b", b"c"):
+        collector.received(1, chunk)
+    collector.share()
+    first, last = collector.drain(), collector.drain()
+    assert b"".join(last) == b"abc"
+    assert b"".join(first) == b"abc"
+    assert collector.chunks == []

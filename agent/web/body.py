@@ -12,7 +12,7 @@ from agent.messages import TaskRequest
 from agent.web.errors import BadRequest, PayloadTooLarge, Unprocessable
 
 MAX_BODY = 1 << 20
-TASK_FIELDS = ("command", "args", "timeout", "env", "cwd", "limits", "max_output_bytes")
+TASK_FIELDS = ("command", "args", "timeout", "env", "cwd", "limits", "max_output_bytes", "id")
 
 
 class CappedContent(io.BytesIO):
@@ -66,15 +66,18 @@ def read_json(request) -> Any:
         raise BadRequest(f"request body is not valid JSON: {e}")
 
 
-def parse_task(body: Any) -> TaskSpec:
-    """Validate a task body; raise BadRequest or Unprocessable naming the field at fault."""
+def parse_task(body: Any, idempotency_key: str | None = None) -> TaskSpec:
+    """Validate a task body; raise BadRequest or Unprocessable naming the field at fault.
+
+    The task's id (its idempotency key) is the body's "id" or the Idempotency-Key header."""
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, not {_type(body)}")
     unknown = sorted(set(body) - set(TASK_FIELDS))
     if unknown:
         raise Unprocessable(f'unknown field "{unknown[0]}"; the fields are {", ".join(TASK_FIELDS)}')
     command = (_command(body.get("command")), *_args(body.get("args")))
-    request = TaskRequest(command, _timeout(body.get("timeout")), limits=_limits(body.get("limits")))
+    request = TaskRequest(command, _timeout(body.get("timeout")),
+                          _key(body.get("id"), idempotency_key), _limits(body.get("limits")))
     return TaskSpec(request, _env(body.get("env")), _cwd(body.get("cwd")),
                     _positive_int("max_output_bytes", body.get("max_output_bytes")))
 
@@ -117,6 +120,20 @@ def _limits(value: Any) -> tuple[tuple[str, int], ...]:
         return messages.parse_limits(value)
     except messages.BadRequest as e:
         raise Unprocessable(e.message) from None
+
+
+def _key(field: Any, header: str | None) -> str | None:
+    if field is not None:
+        if not isinstance(field, str) or not field:
+            raise Unprocessable(f'"id" must be a non-empty string, not {_type(field)}')
+        if header is not None and header != field:
+            raise Unprocessable('"id" and the Idempotency-Key header differ; send one, or the same')
+    key = field if field is not None else header
+    if key is not None and not key:
+        raise Unprocessable("the Idempotency-Key header must not be empty")
+    if key is not None and len(key) > messages.MAX_ID:
+        raise Unprocessable(f"the task's id must be at most {messages.MAX_ID} characters")
+    return key
 
 
 def _positive_int(name: str, value: Any) -> int | None:

@@ -48,8 +48,13 @@ def _error(description: str) -> dict:
 
 
 _REFUSED = {"401": _error("no or a wrong bearer token")}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
+    "description": "the task's id, as the body's id: a key the agent already knows starts "
+                   "nothing; the answer is about the task it named (Idempotent-Replayed: true)"}
 _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
-             "422": _error("a field of the wrong type; the message names it"),
+             "422": _error("a field of the wrong type (the message names it), or a known "
+                           "id/Idempotency-Key sent with a different command"),
              "429": _error("--max-running HTTP tasks are already running")}
 _TASK = {"description": "the task", **_json("Task")}
 _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task")},
@@ -88,6 +93,10 @@ def document() -> dict[str, Any]:
                             "description": "end the task (reason output_cap) once it has written "
                                            "this many stdout bytes; absent: no cap, and "
                                            "--max-log-bytes keeps the newest output"},
+                        "id": {"type": "string", "minLength": 1, "maxLength": 1024,
+                               "description": "idempotency key (or the Idempotency-Key header): "
+                                              "a task with a key the agent knows is not started "
+                                              "again; the answer is that task"},
                     }},
                 "TaskPage": {"type": "object", "required": ["tasks", "next"], "properties": {
                     "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
@@ -111,6 +120,7 @@ def document() -> dict[str, Any]:
                     "application/json": {"schema": {"type": "object"}}}}, **_REFUSED}}},
             "/run": {"post": {
                 "summary": "run a command to completion and answer with its stdout",
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": {"required": True, **_json("NewTask")},
                 "responses": {
                     "200": {"description": "stdout as text; X-Exit-Code, X-Task-Id, X-Task-State "
@@ -120,9 +130,16 @@ def document() -> dict[str, Any]:
             "/tasks": {
                 "post": {
                     "summary": "start a task",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {"required": True, **_json("NewTask")},
                     "responses": {"201": {**_TASK, "headers": {"Location": {
-                        "schema": {"type": "string"}}}}, **_BAD_TASK, **_REFUSED}},
+                        "schema": {"type": "string"}}}},
+                        "200": {"description": "the task an earlier request with the same key "
+                                               "started (running or ended); nothing new started",
+                                **_json("Task"), "headers": {
+                                    "Location": {"schema": {"type": "string"}},
+                                    "Idempotent-Replayed": {"schema": {"type": "string"}}}},
+                        **_BAD_TASK, **_REFUSED}},
                 "get": {
                     "summary": "the history, newest first",
                     "parameters": [

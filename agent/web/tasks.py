@@ -12,15 +12,19 @@ from typing import Any, Mapping
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
-from agent.engine import Busy, Engine, Lane, Task
-from agent.store import STATES, Store, TaskRecord, state_of
-from agent.web.body import parse_task, read_json
-from agent.web.errors import BadRequest, Conflict, NotFound, TooManyTasks
+from agent.engine import AlreadyKnown, Busy, Engine, Lane, Task
+from agent.replay import used_for_another_command
+from agent.store import STATES, Store, TaskRecord
+from agent.web.body import TaskSpec, parse_task, read_json
+from agent.web.errors import BadRequest, Conflict, NotFound, TooManyTasks, Unprocessable
 from agent.web.output import OutputStreamer
-from agent.web.query import arg, int_arg
+from agent.web.query import arg, arg_header, int_arg
 from agent.web.router import STREAMING, Response
 
 log = Logger()
+
+REPLAYED = b"Idempotent-Replayed"
+"""Set on an answer about a task an earlier request with the same key started."""
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
@@ -31,22 +35,6 @@ class Discard:
 
     def received(self, fd: int, data: bytes) -> None:
         pass
-
-
-def when_ended(task: Task) -> Deferred:
-    """A Deferred of our own for the task's Outcome.
-
-    task.result is shared with the other door; waiting on it directly (yield,
-    or a callback that returns nothing) would hand its later callbacks None.
-    """
-    ended: Deferred = Deferred()
-
-    def relay(result):
-        ended.callback(result)
-        return result
-
-    task.result.addBoth(relay)
-    return ended
 
 
 def task_json(record: TaskRecord) -> dict[str, Any]:
@@ -94,44 +82,88 @@ class TaskEndpoints:
     # -- starting
 
     def create(self, request) -> Deferred:
-        """201 with the record as the history has it: what a GET right after will show."""
-        task = self._submit(request)
+        """201 with the record as the history has it: what a GET right after will show.
+
+        A repeated id (Idempotency-Key) starts nothing: 200 with the task it named."""
+        spec = self._spec(request)
+        try:
+            task = self._submit(spec)
+        except AlreadyKnown as known:
+            existing = self._record_for_key(known, spec)
+            existing.addCallback(lambda record: Response(200, task_json(record), {
+                b"Location": b"/tasks/" + record.id.encode(), REPLAYED: b"true"}))
+            return existing
         created = self._store.get(task.id)
         created.addCallback(lambda record: Response(201, task_json(record),
                                                     {b"Location": b"/tasks/" + task.id.encode()}))
         return created
 
-    def run(self, request):
-        """Run to completion, then answer with stdout as text; a client that leaves cancels it."""
-        task = self._submit(request)
+    def run(self, request) -> Deferred:
+        """Run to completion, then answer with stdout as text; a client that leaves cancels it
+        (unless a retry of the same id still waits for it)."""
+        spec = self._spec(request)
+        try:
+            task = self._submit(spec, held=True)
+        except AlreadyKnown as known:
+            if known.task is None:
+                ended = self._record_for_key(known, spec)
+                ended.addCallback(self._send_stdout, request, replayed=True)
+                return ended
+            task = known.task
+            if task.request.command != spec.request.command:
+                raise Unprocessable(used_for_another_command(known.key, task.request.command))
+            task.hold()
+            replayed = True
+        else:
+            replayed = False
         gone = request.notifyFinish()
-        gone.addErrback(lambda _: task.cancel("client disconnected"))
-        ended = when_ended(task)
-        ended.addCallback(self._send_stdout, task, request)
-        ended.addErrback(lambda f: log.failure("answering /run", f))
+        gone.addErrback(lambda _: self._engine.release_many([task], "client disconnected"))
+        ended = task.ended()
+        ended.addCallback(lambda _: self._store.get(task.id))
+        ended.addCallback(self._send_stdout, request, replayed)
+        return ended
+
+    def _send_stdout(self, record: TaskRecord, request, replayed: bool = False):
+        if getattr(request, "_disconnected", False):
+            return STREAMING
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"X-Task-Id", record.id.encode())
+        request.setHeader(b"X-Exit-Code", b"%d" % record.exit_code)
+        request.setHeader(b"X-Task-State", record.state.encode())
+        if record.error:
+            request.setHeader(b"X-Error", _header_safe(record.error))
+        if replayed:
+            request.setHeader(REPLAYED, b"true")
+            request.setHeader(b"X-Stdout-Dropped", b"%d" % record.stdout_dropped)
+        OutputStreamer(request, {1: self._store.reader(record.id, 1)},
+                       limits={1: record.stdout_bytes}).start()
         return STREAMING
 
-    def _send_stdout(self, outcome, task: Task, request) -> None:
-        if getattr(request, "_disconnected", False):
-            return
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        request.setHeader(b"X-Task-Id", task.id.encode())
-        request.setHeader(b"X-Exit-Code", b"%d" % outcome.exit_code)
-        request.setHeader(b"X-Task-State", state_of(task).encode())
-        if outcome.error:
-            request.setHeader(b"X-Error", _header_safe(outcome.error))
-        OutputStreamer(request, {1: self._store.reader(task.id, 1)}).start()
+    def _spec(self, request) -> TaskSpec:
+        return parse_task(read_json(request), arg_header(request, b"idempotency-key"))
 
-    def _submit(self, request) -> Task:
-        spec = parse_task(read_json(request))
+    def _submit(self, spec: TaskSpec, held: bool = False) -> Task:
         try:
             task = self._engine.submit(spec.request, self._lane, Discard(), source="http",
-                                       **spec.run_options(self._environ))
+                                       held=held, **spec.run_options(self._environ))
         except Busy:
             raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
                                "(--max-running); wait for one to end or cancel one") from None
         log.info("task {id} started over HTTP: {argv0}", id=task.id, argv0=spec.request.command[0])
         return task
+
+    def _record_for_key(self, known: AlreadyKnown, spec: TaskSpec) -> Deferred:
+        """The record of the task a repeated key names, if it was for the same command."""
+        def check(record: TaskRecord | None) -> TaskRecord:
+            if record is None:  # removed from the history between the two looks
+                raise Conflict(f"key {known.key!r} named a task since removed; retry")
+            if record.command != spec.request.command:
+                raise Unprocessable(used_for_another_command(known.key, record.command))
+            return record
+
+        found = self._store.get(known.task_id)
+        found.addCallback(check)
+        return found
 
     # -- reading
 
@@ -168,7 +200,7 @@ class TaskEndpoints:
             raise Conflict(f"task {id} has already ended ({record.state}); nothing to cancel")
         log.info("task {id} cancelled over HTTP", id=id)
         task.cancel("cancelled by request", self._kill_grace)
-        yield when_ended(task)
+        yield task.ended()
         record = yield self._record(id)
         return Response(200, task_json(record))
 
