@@ -19,6 +19,7 @@ import re
 import signal
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -189,25 +190,50 @@ transaction per burst instead of one thread hand-off and commit per change.
 A read never waits for it (it applies pending writes first)."""
 
 
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0
+"""Seconds between attempts to write while writing fails (a full disk, a read-only
+file system): doubling, so a dead disk is not hammered, capped, so a freed one is
+noticed soon."""
+
+MAX_WAITING = 100_000
+"""Records kept in memory while they cannot be written. Past it the oldest ended
+ones are dropped (counted, logged, shown in /healthz): their TCP results were
+delivered and HTTP tasks started meanwhile were refused, so memory wins."""
+
+
+class HistoryUnwritable(Exception):
+    """The history cannot be written now; the message says why."""
+
+
 class _SerialDatabase:
     """One connection used by one thread; writes coalesce per task, reads apply them first.
 
     The thread takes jobs (reads, close) from a FIFO queue; a write only fills
     a dict and, if none is due, queues a flush, which waits up to WRITE_DELAY
-    for more before one transaction writes them all.
+    for more before one transaction writes them all. A write that fails puts
+    its rows back (a newer row for the same task wins) and is retried with
+    back-off; reads go on meanwhile, and the Store lays waiting rows over them.
     """
 
     _FLUSH = object()
     _CLOSE = object()
 
-    def __init__(self, connection: sqlite3.Connection, reactor, write_delay: float = WRITE_DELAY):
+    def __init__(self, connection: sqlite3.Connection, reactor, write_delay: float = WRITE_DELAY,
+                 max_waiting: int = MAX_WAITING):
         self._connection = connection
         self._reactor = reactor
         self._write_delay = write_delay
+        self._max_waiting = max_waiting
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending: dict[str, tuple] = {}
         self._flush_queued = False
+        self.trouble: tuple[str, float] | None = None
+        """(why writing fails, since when as UNIX time) while it fails; None when fine."""
+        self.dropped = 0
+        """Records given up while writing failed (over max_waiting)."""
+        self._retry_delay = RETRY_FIRST
+        self._retry_at = 0.0
         self._thread = threading.Thread(target=self._serve, name="agent-store", daemon=True)
 
     def start(self) -> None:
@@ -221,11 +247,24 @@ class _SerialDatabase:
         if wake:
             self._jobs.put(self._FLUSH)
 
+    def waiting_row(self, task_id: str) -> tuple | None:
+        """The newest row for the task not yet written, if any."""
+        return self._pending.get(task_id)
+
+    def waiting_rows(self) -> list[tuple]:
+        with self._lock:
+            return list(self._pending.values())
+
     def run(self, query, *args) -> Deferred:
-        """query(connection, *args) on the store thread, after every write made before."""
+        """query(connection, *args) on the store thread, after every write made before
+        (or after trying them, while writing fails)."""
         done: Deferred = Deferred()
         self._jobs.put((done, query, args))
         return done
+
+    def run_saved(self, query, *args) -> Deferred:
+        """As run, but fails with HistoryUnwritable unless every earlier write is on disk."""
+        return self.run(self._saved, query, *args)
 
     def close(self) -> Deferred:
         """Write what is pending, close the connection, end the thread."""
@@ -248,13 +287,13 @@ class _SerialDatabase:
         job = None
         while True:
             if job is None:
-                job = self._jobs.get()
+                job = self._next_job()
             if job is self._FLUSH:
                 try:  # a read or close coming meanwhile ends the wait: it flushes first anyway
                     job = self._jobs.get(timeout=self._write_delay)
                 except queue.Empty:
                     job = None
-                self._flush_reporting_errors()
+                self._try_flush()
                 continue
             done, query, args = job
             job = None
@@ -262,6 +301,14 @@ class _SerialDatabase:
                 self._answer(done, self._close)
                 return
             self._answer(done, self._query, query, *args)
+
+    def _next_job(self):
+        if self.trouble is None:
+            return self._jobs.get()
+        try:
+            return self._jobs.get(timeout=max(0.0, self._retry_at - time.monotonic()))
+        except queue.Empty:
+            return self._FLUSH  # time to try again
 
     def _answer(self, done: Deferred, fn, *args) -> None:
         try:
@@ -272,25 +319,86 @@ class _SerialDatabase:
             self._reactor.callFromThread(done.callback, result)
 
     def _query(self, query, *args):
-        self._flush()
+        self._try_flush()
         return query(self._connection, *args)
 
+    def _saved(self, connection, query, *args):
+        if self.trouble is not None:
+            raise HistoryUnwritable(self.trouble[0])
+        return query(connection, *args)
+
     def _close(self) -> None:
-        self._flush()
+        try:
+            self._flush()
+        except Exception as e:
+            self._reactor.callFromThread(
+                log.error, "{n} task record(s) could not be written before the agent stopped: "
+                           "{error}", n=len(self._pending), error=_describe_error(e))
         self._connection.close()
 
-    def _flush(self) -> None:
+    def _try_flush(self) -> None:
+        """Write what waits, unless writing fails and the next attempt is not due yet."""
+        if self.trouble is not None and time.monotonic() < self._retry_at:
+            return
+        try:
+            written = self._flush()
+        except Exception as e:
+            self._failed(e)
+        else:
+            if self.trouble is not None:
+                self._recovered(written)
+
+    def _flush(self) -> int:
         with self._lock:
             rows, self._pending, self._flush_queued = self._pending, {}, False
         if rows:
-            with self._connection:
-                self._connection.executemany(_UPSERT, map(_with_identity, rows.values()))
+            try:
+                with self._connection:
+                    self._connection.executemany(_UPSERT, map(_with_identity, rows.values()))
+            except Exception:
+                self._put_back(rows)
+                raise
+        return len(rows)
 
-    def _flush_reporting_errors(self) -> None:
-        try:
-            self._flush()
-        except Exception:
-            self._reactor.callFromThread(log.failure, "cannot write task records", Failure())
+    def _put_back(self, rows: dict[str, tuple]) -> None:
+        with self._lock:
+            # older rows keep their place, a newer row for the same task its value
+            self._pending = {**rows, **self._pending}
+            self._flush_queued = True  # the retry writes them: new writes need no wake-up
+            over = len(self._pending) - self._max_waiting
+            if over > 0:
+                ended = [task_id for task_id, row in self._pending.items()
+                         if row[_STATE] in ENDED_STATES][:over]
+                for task_id in ended:
+                    del self._pending[task_id]
+                self.dropped += len(ended)
+
+    def _failed(self, e: Exception) -> None:
+        error = _describe_error(e)
+        if self.trouble is None:
+            self.trouble = (error, time.time())
+            self._retry_delay = RETRY_FIRST
+            self._reactor.callFromThread(
+                log.error, "cannot write the task history: {error}; {n} record(s) wait in memory "
+                           "and are retried; HTTP tasks are refused until then",
+                error=error, n=len(self._pending))
+        else:
+            self.trouble = (error, self.trouble[1])
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+        self._retry_at = time.monotonic() + self._retry_delay
+
+    def _recovered(self, written: int) -> None:
+        since = self.trouble[1]
+        self.trouble = None
+        self._reactor.callFromThread(
+            log.info, "the task history is writable again after {seconds:.1f} s; wrote {n} "
+                      "waiting record(s){lost}", seconds=time.time() - since, n=written,
+            lost=f"; {self.dropped} were dropped meanwhile" if self.dropped else "")
+
+
+def _describe_error(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return f"{text} ({e.sqlite_errorname})" if getattr(e, "sqlite_errorname", None) else text
 
 
 class Store:
@@ -400,19 +508,57 @@ class Store:
     # -- read by the HTTP door
 
     def get(self, task_id: str) -> Deferred[TaskRecord | None]:
+        """The task's record; while writing fails, its newest row still waiting in memory."""
         if not TASK_ID.match(task_id):
             return succeed(None)
         d = self._database.run(_select_one, task_id)
+        d.addCallback(lambda record: self._newest(task_id, record))
+        return d
+
+    def get_saved(self, task_id: str) -> Deferred[TaskRecord | None]:
+        """As get, but fails with HistoryUnwritable unless the record is on disk:
+        what an acknowledgement (201 Created) must wait for."""
+        d = self._database.run_saved(_select_one, task_id)
         d.addCallback(lambda record: record and self._fresh(record))
         return d
 
     def list(self, state: str | None = None, limit: int = 100,
              cursor: str | None = None) -> Deferred[Page]:
-        """Newest first; cursor is a Page.next from the page before (ValueError if it is not)."""
+        """Newest first; cursor is a Page.next from the page before (ValueError if it is not).
+
+        While writing fails, rows waiting in memory replace their stale versions, and
+        tasks newer than any on disk lead the first page."""
         before = _parse_cursor(cursor)
         d = self._database.run(_select_page, state, limit, before)
-        d.addCallback(lambda page: Page([self._fresh(r) for r in page.records], page.next))
+        d.addCallback(self._with_waiting, state, limit, before is None)
         return d
+
+    def health(self) -> dict:
+        """Whether the history can be written now; what /healthz reports."""
+        database = self._database
+        trouble = database.trouble if database is not None else None
+        return {"writable": trouble is None, "error": trouble and trouble[0],
+                "since": trouble and trouble[1],
+                "waiting": len(database.waiting_rows()) if trouble else 0,
+                "dropped": database.dropped if database is not None else 0}
+
+    def _newest(self, task_id: str, record: TaskRecord | None) -> TaskRecord | None:
+        row = self._database.waiting_row(task_id)
+        if row is not None:
+            record = _from_row((None, *row))[1]
+        return record and self._fresh(record)
+
+    def _with_waiting(self, page: Page, state: str | None, limit: int, first: bool) -> Page:
+        waiting = {row[0]: _from_row((None, *row))[1] for row in self._database.waiting_rows()}
+        records = [waiting.pop(r.id, r) for r in page.records]
+        records = [r for r in records if state is None or r.state == state]
+        if first and waiting:
+            newest = max((r.created_at for r in page.records), default=float("-inf"))
+            newer = sorted((r for r in waiting.values() if r.created_at > newest
+                            and (state is None or r.state == state)),
+                           key=lambda r: r.created_at, reverse=True)
+            records = (newer + records)[:limit]
+        return Page([self._fresh(r) for r in records], page.next)
 
     def live_output(self, task_id: str) -> TaskOutput | None:
         live = self._live.get(task_id)

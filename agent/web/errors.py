@@ -45,3 +45,9 @@ class Unprocessable(ApiError):
 
 class TooManyTasks(ApiError):
     status = 429
+
+
+class Unavailable(ApiError):
+    """The agent cannot do this now (its history cannot be written); retrying later may work."""
+
+    status = 503

@@ -55,7 +55,8 @@ _IDEMPOTENCY_KEY = {
 _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
              "422": _error("a field of the wrong type (the message names it), or a known "
                            "id/Idempotency-Key sent with a different command"),
-             "429": _error("--max-running HTTP tasks are already running")}
+             "429": _error("--max-running HTTP tasks are already running"),
+             "503": _error("the task history cannot be written; nothing was started")}
 _TASK = {"description": "the task", **_json("Task")}
 _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task")},
                      "404": _error("no such task"),
@@ -102,9 +103,21 @@ def document() -> dict[str, Any]:
                     "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
                     "next": {"type": "string", "nullable": True,
                              "description": "pass as ?cursor= for the next page"}}},
-                "Health": {"type": "object", "required": ["status", "running"], "properties": {
-                    "status": {"type": "string", "enum": ["ok"]},
-                    "running": {"type": "integer"}}},
+                "Health": {"type": "object", "required": ["status", "running", "history"],
+                           "properties": {
+                    "status": {"type": "string", "enum": ["ok", "degraded"],
+                               "description": "degraded while the history cannot be written"},
+                    "running": {"type": "integer"},
+                    "history": {"type": "object", "properties": {
+                        "writable": {"type": "boolean"},
+                        "error": {"type": "string", "nullable": True,
+                                  "description": "why writing fails"},
+                        "since": {"type": "string", "format": "date-time", "nullable": True},
+                        "waiting": {"type": "integer",
+                                    "description": "records kept in memory until they can be "
+                                                   "written"},
+                        "dropped": {"type": "integer",
+                                    "description": "records given up (over 100000 waiting)"}}}}},
                 "Error": {"type": "object", "required": ["error"],
                           "properties": {"error": {"type": "string"}}},
             },

@@ -14,9 +14,10 @@ from twisted.logger import Logger
 
 from agent.engine import AlreadyKnown, Busy, Engine, Lane, Task
 from agent.replay import used_for_another_command
-from agent.store import STATES, Store, TaskRecord
+from agent.store import STATES, HistoryUnwritable, Store, TaskRecord
 from agent.web.body import TaskSpec, parse_task, read_json
-from agent.web.errors import BadRequest, Conflict, NotFound, TooManyTasks, Unprocessable
+from agent.web.errors import (BadRequest, Conflict, NotFound, TooManyTasks, Unavailable,
+                              Unprocessable)
 from agent.web.output import OutputStreamer
 from agent.web.query import arg, arg_header, int_arg
 from agent.web.router import STREAMING, Response
@@ -93,10 +94,18 @@ class TaskEndpoints:
             existing.addCallback(lambda record: Response(200, task_json(record), {
                 b"Location": b"/tasks/" + record.id.encode(), REPLAYED: b"true"}))
             return existing
-        created = self._store.get(task.id)
-        created.addCallback(lambda record: Response(201, task_json(record),
-                                                    {b"Location": b"/tasks/" + task.id.encode()}))
+        created = self._store.get_saved(task.id)
+        created.addCallbacks(
+            lambda record: Response(201, task_json(record),
+                                    {b"Location": b"/tasks/" + task.id.encode()}),
+            self._not_saved, errbackArgs=(task,))
         return created
+
+    def _not_saved(self, failure, task: Task):
+        """Never 201 for a task whose record is not on disk: end it and say why."""
+        failure.trap(HistoryUnwritable)
+        task.cancel("the task history cannot be written")
+        raise Unavailable(_unwritable(failure.value))
 
     def run(self, request) -> Deferred:
         """Run to completion, then answer with stdout as text; a client that leaves cancels it
@@ -143,6 +152,9 @@ class TaskEndpoints:
         return parse_task(read_json(request), arg_header(request, b"idempotency-key"))
 
     def _submit(self, spec: TaskSpec, held: bool = False) -> Task:
+        health = self._store.health()
+        if not health["writable"]:
+            raise Unavailable(_unwritable(health["error"]))
         try:
             task = self._engine.submit(spec.request, self._lane, Discard(), source="http",
                                        held=held, **spec.run_options(self._environ))
@@ -186,8 +198,13 @@ class TaskEndpoints:
         return Response(200, task_json(record))
 
     def health(self, request) -> Response:
+        """200 even when degraded: restarting the agent (what a failing liveness probe
+        does) would kill its running tasks and not free the disk."""
         running = sum(1 for task in self._engine.live.values() if task.state == "running")
-        return Response(200, {"status": "ok", "running": running})
+        history = self._store.health()
+        history["since"] = _time(history["since"])
+        return Response(200, {"status": "ok" if history["writable"] else "degraded",
+                              "running": running, "history": history})
 
     # -- ending
 
@@ -210,6 +227,11 @@ class TaskEndpoints:
         if record is None:
             raise NotFound(f"no task with id {task_id!r}")
         return record
+
+
+def _unwritable(error) -> str:
+    return (f"the task history cannot be written ({error}); no task is started until it can "
+            "be (see GET /healthz)")
 
 
 def _header_safe(text: str) -> bytes:

@@ -18,14 +18,38 @@ SHELLS = [
 
 
 def _task_groups(agent_pid: int, expected: int, timeout: float = 10.0) -> set[int]:
-    """Process groups of the agent's tasks once `expected` of them are running."""
+    """Process groups of the agent's sleeping tasks once `expected` of them are running.
+
+    Only children running "sleep 300" count: a finished task's child (printf, echo)
+    may linger for a moment before it is reaped and must not be taken for one."""
     deadline = time.monotonic() + timeout
     while True:
-        groups = {int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[2])
-                  for p in processes_where(3, agent_pid) if p != agent_pid}
+        groups = {_group_of(p) for p in processes_where(3, agent_pid)
+                  if p != agent_pid and _sleeps_300(_cmdline(p))}
+        groups.discard(None)
         if len(groups) >= expected or time.monotonic() > deadline:
             return groups
         time.sleep(0.05)
+
+
+def _sleeps_300(cmdline: bytes) -> bool:
+    return b"sleep 300" in cmdline or b"sleep\x00300" in cmdline
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except OSError:
+        return None
 
 
 def test_kill_9_with_http_and_tcp_tasks_running(start_http_agent, data_dir):  # noqa: F811
