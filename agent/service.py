@@ -13,6 +13,7 @@ from twisted.python import usage
 from agent.engine import Engine, Lane
 from agent.messages import TIMEOUT_UNITS
 from agent.protocol import TaskLineFactory, _describe
+from agent.retention import Policy, Retention, parse_size
 from agent.store import Store
 
 log = Logger()
@@ -44,6 +45,12 @@ class Options(usage.Options):
          "Output kept per task and stream; beyond it the newest bytes are kept.", int],
         ["kill-grace", None, 5.0,
          "Seconds between SIGTERM and SIGKILL when a task is cancelled over HTTP.", float],
+        ["keep-days", None, 30.0,
+         "Days an ended task (record and output) is kept, counted from its end; older ones are "
+         "pruned at start and hourly. 0 = no age limit.", float],
+        ["keep-bytes", None, 4 << 30,
+         "Most bytes the data dir (database and task output) may hold; past it the oldest ended "
+         "tasks are pruned at start and hourly. 0 = no size limit.", parse_size],
     ]
 
     optFlags = [
@@ -69,6 +76,10 @@ class Options(usage.Options):
             raise usage.UsageError("--max-log-bytes must be at least 1")
         if not 0 <= self["kill-grace"] < float("inf"):
             raise usage.UsageError("--kill-grace must be a non-negative number of seconds")
+        if not 0 <= self["keep-days"] < float("inf"):
+            raise usage.UsageError("--keep-days must be 0 (no age limit) or a number of days")
+        if self["keep-bytes"] < 0:
+            raise usage.UsageError("--keep-bytes must be 0 (no size limit) or a size in bytes")
         if self["token-file"] is None:
             self["token-file"] = os.path.join(self["data-dir"], "token")
 
@@ -139,6 +150,8 @@ def makeService(options: Options, reactor=None) -> AgentService:
     engine.history_lookup = store.task_for_key
     engine.output_taps.append(store.tap)
     agent = AgentService(engine, reactor, store)
+    Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
+        .setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue")
     factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"], reactor,
                               max_output=options["max-output-bytes"], history=store)

@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from agent import procinfo
+from agent import procinfo, retention
 from agent.outcome import Ending
 from agent.spool import StreamReader, TaskOutput, size_on_disk
 
@@ -43,6 +43,10 @@ LOST_QUEUED = "the agent stopped before the task started"
 
 class DataDirInUse(Exception):
     """Another agent holds this data directory: its running tasks are not ours to mark lost."""
+
+
+class StillRunning(Exception):
+    """The task is queued or running: only an ended task may be purged."""
 
 
 @dataclass(frozen=True)
@@ -440,6 +444,7 @@ class Store:
         self._keys = dict(connection.execute(
             "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL AND request_id != '' "
             "ORDER BY seq"))
+        retention.prepare(connection)
         self._database = _SerialDatabase(connection, self._reactor)
         return self
 
@@ -572,6 +577,64 @@ class Store:
             raise ValueError(f"not a task id: {task_id!r}")
         return f"{self._output_root}/{task_id}"
 
+    # -- retention (the policy and its SQL: agent.retention)
+
+    def usage(self) -> Deferred[retention.Usage]:
+        """The data dir's database files and output; queued and running tasks' from their spools."""
+        live_bytes = sum(_kept(live.output) for live in self._live.values())
+        d = self._database.run(retention.measure, self._data_dir, _ENDED)
+        d.addCallback(lambda usage: replace(usage, output_bytes=usage.output_bytes + live_bytes))
+        return d
+
+    def ended_tasks(self, after_seq: int, limit: int,
+                    finished_before: float | None = None) -> Deferred[retention.Batch]:
+        """Ended tasks that may be pruned, oldest first, from after_seq on: the next batch of
+        up to limit, less those this store still holds in memory."""
+        d = self._database.run(retention.candidates, _ENDED, after_seq, limit, finished_before)
+        d.addCallback(lambda batch: replace(batch, candidates=[
+            c for c in batch.candidates if not self._held(c.id)]))
+        return d
+
+    def remove(self, task_ids: list[str]) -> Deferred[retention.Removed]:
+        """Delete ended tasks and their output, never one this store still holds in memory."""
+        task_ids = [task_id for task_id in task_ids if not self._held(task_id)]
+        d = self._database.run(retention.remove, Path(self._output_root), _ENDED, task_ids)
+        d.addCallback(self._removed)
+        return d
+
+    def compact(self) -> Deferred[int]:
+        """Shrink the database files after deletions; their size after."""
+        return self._database.run(retention.compact, self._data_dir)
+
+    def purge(self, task_id: str) -> Deferred[TaskRecord | None]:
+        """Delete one ended task and its output: its record as it was, None if there is no
+        such task, StillRunning if it is queued or running."""
+        if not TASK_ID.match(task_id):
+            return succeed(None)
+        if task_id in self._live:
+            return fail(StillRunning(task_id))
+        self._ended_rows.pop(task_id, None)  # its cleanup, due later, must not write it back
+        d = self._database.run(_purge_one, Path(self._output_root), task_id)
+        d.addCallback(self._purged)
+        return d
+
+    def _purged(self, record: TaskRecord | None) -> TaskRecord | None:
+        if record is not None:
+            self._forgotten([record.id])
+        return record
+
+    def _removed(self, removed: retention.Removed) -> retention.Removed:
+        for task_id, why in removed.failures:
+            log.error("cannot remove the output of task {id}: {why}; its record is kept",
+                      id=task_id, why=why)
+        if removed.ids:
+            self._forgotten(removed.ids)
+        return removed
+
+    def _held(self, task_id: str) -> bool:
+        """Queued, running, or ended with its record still to be completed (its cleanup)."""
+        return task_id in self._live or task_id in self._ended_rows
+
     def _fresh(self, record: TaskRecord) -> TaskRecord:
         """A running task's byte counts move faster than its record: take them from the spool."""
         live = self._live.get(record.id)
@@ -672,3 +735,24 @@ def _recover(connection: sqlite3.Connection, data_dir: Path, now: float) -> list
     log.warn("{n} task(s) were queued or running when the agent last stopped: marked lost; "
              "killed {k} process group(s) they left behind", n=len(rows), k=len(killed))
     return [row[0] for row in rows]
+
+
+_ENDED = tuple(sorted(ENDED_STATES))
+
+
+def _kept(output: TaskOutput) -> int:
+    (out, out_dropped), (err, err_dropped) = output.size(1), output.size(2)
+    return out - out_dropped + err - err_dropped
+
+
+def _purge_one(connection, output_root: Path, task_id: str) -> TaskRecord | None:
+    """Store thread: the record, then its output and row gone; StillRunning if it has not ended."""
+    record = _select_one(connection, task_id)
+    if record is None:
+        return None
+    if not record.ended:
+        raise StillRunning(task_id)
+    removed = retention.remove(connection, output_root, _ENDED, [task_id])
+    if removed.failures:
+        raise OSError(f"cannot remove the output of task {task_id}: {removed.failures[0][1]}")
+    return record

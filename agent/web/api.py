@@ -29,7 +29,7 @@ def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float = 5.0, cl
         Route("POST", "/tasks", tasks.create),
         Route("GET", "/tasks", tasks.list),
         Route("GET", "/tasks/{id}", tasks.show),
-        Route("DELETE", "/tasks/{id}", tasks.cancel),
+        Route("DELETE", "/tasks/{id}", tasks.delete),
         Route("POST", "/tasks/{id}/cancel", tasks.cancel),
         Route("GET", "/tasks/{id}/output", output.get),
     ]

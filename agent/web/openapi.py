@@ -168,8 +168,22 @@ def document() -> dict[str, Any]:
                 "parameters": [_ID],
                 "get": {"summary": "one task",
                         "responses": {"200": _TASK, "404": _error("no such task"), **_REFUSED}},
-                "delete": {"summary": "cancel a task (same as POST /tasks/{id}/cancel)",
-                           "responses": _CANCEL_RESPONSES}},
+                "delete": {
+                    "summary": "cancel a task (same as POST /tasks/{id}/cancel); with "
+                               "purge=true, remove an ended task's record and output instead",
+                    "parameters": [
+                        {"name": "purge", "in": "query",
+                         "description": "true: remove the ended task from the history, output "
+                                        "included (GET then answers 404); never cancels",
+                         "schema": {"type": "boolean", "default": False}}],
+                    "responses": {
+                        "200": {"description": "the cancelled task; with purge=true, the task "
+                                               "as it was before its removal", **_json("Task")},
+                        "400": _error("purge is neither true nor false"),
+                        "404": _error("no such task"),
+                        "409": _error("the task has already ended (cancel); the task has not "
+                                      "ended yet (purge=true: cancel it first)"),
+                        **_REFUSED}}},
             "/tasks/{id}/cancel": {
                 "parameters": [_ID],
                 "post": {"summary": "kill the task's process group: SIGTERM, then SIGKILL after "

@@ -14,12 +14,12 @@ from twisted.logger import Logger
 
 from agent.engine import AlreadyKnown, Busy, Engine, Lane, Task
 from agent.replay import used_for_another_command
-from agent.store import STATES, HistoryUnwritable, Store, TaskRecord
+from agent.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
 from agent.web.body import TaskSpec, parse_task, read_json
 from agent.web.errors import (BadRequest, Conflict, NotFound, TooManyTasks, Unavailable,
                               Unprocessable)
 from agent.web.output import OutputStreamer
-from agent.web.query import arg, arg_header, int_arg
+from agent.web.query import arg, arg_header, choice_arg, int_arg
 from agent.web.router import STREAMING, Response
 
 log = Logger()
@@ -219,6 +219,25 @@ class TaskEndpoints:
         task.cancel("cancelled by request", self._kill_grace)
         yield task.ended()
         record = yield self._record(id)
+        return Response(200, task_json(record))
+
+    def delete(self, request, id: str):
+        """DELETE /tasks/{id}: a cancel; with ?purge=true, the removal of an ended task."""
+        if choice_arg(request, "purge", ("true", "false"), "false") == "false":
+            return self.cancel(request, id)
+        return self.purge(request, id)
+
+    @inlineCallbacks
+    def purge(self, request, id: str):
+        """Remove an ended task's record and output; answer with the record removed."""
+        try:
+            record = yield self._store.purge(id)
+        except StillRunning:
+            raise Conflict(f"task {id} has not ended; cancel it first (DELETE /tasks/{id}), "
+                           "then purge it") from None
+        if record is None:
+            raise NotFound(f"no task with id {id!r}")
+        log.info("task {id} purged over HTTP", id=id)
         return Response(200, task_json(record))
 
     @inlineCallbacks
