@@ -420,6 +420,8 @@ class Store:
         self._max_log_bytes = max_log_bytes
         self._live: dict[str, _Live] = {}
         self._keys: dict[str, str] = {}
+        self._key_of: dict[str, str] = {}
+        """The reverse of _keys, so forgetting pruned tasks costs one lookup each."""
         """Idempotency key (a request's id) -> the task submitted with it, for every
         task in the history: the engine asks synchronously, so a retry racing its
         first attempt still finds it."""
@@ -441,9 +443,10 @@ class Store:
         self._lock_fd = _lock(self._data_dir / "lock")
         connection = _connect(self._data_dir / "history.sqlite3")
         self.recovered = _recover(connection, self._data_dir, self._reactor.seconds())
-        self._keys = dict(connection.execute(
-            "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL AND request_id != '' "
-            "ORDER BY seq"))
+        for key, task_id in connection.execute(
+                "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL "
+                "AND request_id != '' ORDER BY seq"):
+            self._remember_key(key, task_id)
         retention.prepare(connection)
         self._database = _SerialDatabase(connection, self._reactor)
         return self
@@ -492,8 +495,14 @@ class Store:
 
     def _forgotten(self, task_ids) -> None:
         """Tasks removed from the history (pruned or purged): their keys may be used again."""
-        gone = set(task_ids)
-        self._keys = {key: task_id for key, task_id in self._keys.items() if task_id not in gone}
+        for task_id in task_ids:
+            key = self._key_of.pop(task_id, None)
+            if key is not None and self._keys.get(key) == task_id:
+                del self._keys[key]
+
+    def _remember_key(self, key: str, task_id: str) -> None:
+        self._keys[key] = task_id
+        self._key_of[task_id] = key
 
     def tap(self, task) -> TaskOutput:
         """Engine output tap: the spool the task's output goes to."""
@@ -503,7 +512,7 @@ class Store:
         live = self._live.get(task.id)
         if live is None:
             if task.request.id:
-                self._keys[task.request.id] = task.id
+                self._remember_key(task.request.id, task.id)
             live = self._live[task.id] = _Live(
                 self._reactor.seconds(), json.dumps(list(task.request.command)),
                 TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes
@@ -615,7 +624,7 @@ class Store:
             return fail(StillRunning(task_id))
         self._ended_rows.pop(task_id, None)  # its cleanup, due later, must not write it back
         d = self._database.run(_purge_one, Path(self._output_root), task_id)
-        d.addCallback(self._purged)
+        d.addCallbacks(self._purged, _as_unwritable)
         return d
 
     def _purged(self, record: TaskRecord | None) -> TaskRecord | None:
@@ -639,6 +648,12 @@ class Store:
         """A running task's byte counts move faster than its record: take them from the spool."""
         live = self._live.get(record.id)
         return record if live is None else _with_sizes(record, live.output)
+
+
+def _as_unwritable(failure: Failure):
+    """A write the history refused (full disk, read-only file system) says so by its type."""
+    failure.trap(sqlite3.Error, OSError)
+    raise HistoryUnwritable(_describe_error(failure.value))
 
 
 def _with_sizes(record: TaskRecord, output: TaskOutput) -> TaskRecord:

@@ -31,6 +31,7 @@ class LiveApi:
         self.store.start()
         self.engine.observers.append(self.store.observe)
         self.engine.cleanup_observers.append(self.store.observe_cleanup)
+        self.engine.history_lookup = self.store.task_for_key
         self.engine.output_taps.append(self.store.tap)
         self.lane = Lane(max_running)
         site = make_site(self.engine, self.store, self.lane, TOKEN, kill_grace, reactor)

@@ -235,6 +235,9 @@ class TaskEndpoints:
         except StillRunning:
             raise Conflict(f"task {id} has not ended; cancel it first (DELETE /tasks/{id}), "
                            "then purge it") from None
+        except HistoryUnwritable as e:
+            raise Unavailable(f"the task history cannot be written ({e}); nothing was purged") \
+                from None
         if record is None:
             raise NotFound(f"no task with id {id!r}")
         log.info("task {id} purged over HTTP", id=id)
