@@ -82,6 +82,7 @@ class Task:
         """Clients whose going away ends the task (a TCP connection, a POST /run);
         None for a task that lives on its own (POST /tasks)."""
         self._waiters: list[Deferred] = []
+        self._cleanup_waiters: list[Deferred] = []
         self._waiting_for_slot: Deferred | None = None
 
     def ended(self) -> Deferred[Outcome]:
@@ -91,6 +92,15 @@ class Task:
             return succeed(self.outcome)
         waiter: Deferred[Outcome] = Deferred()
         self._waiters.append(waiter)
+        return waiter
+
+    def cleaned(self) -> Deferred["Task"]:
+        """A Deferred of the task once its cleanup is known (task.cleanup set): after
+        the end, when its process group is verified empty (or given up on, within 5 s)."""
+        if self.cleanup is not None:
+            return succeed(self)
+        waiter: Deferred[Task] = Deferred()
+        self._cleanup_waiters.append(waiter)
         return waiter
 
     def hold(self) -> None:
@@ -197,6 +207,7 @@ class Engine:
         failure.trap(CancelledError)
         task._waiting_for_slot = None
         self._settle(task, Outcome(Ending.CANCELLED, -1, "cancelled before it started"))
+        self._cleaned(True, task)  # nothing ran, so nothing is left
 
     def _finished(self, outcome: Outcome, task: Task, lane: Lane) -> None:
         """Answer first, log second: the log line costs ~50 us that no client should wait for."""
@@ -213,6 +224,9 @@ class Engine:
                       id=task.request.id or task.id, pgid=task.runner.pid)
         for observer in self.cleanup_observers:
             observer(task)
+        waiters, task._cleanup_waiters = task._cleanup_waiters, []
+        for waiter in waiters:
+            waiter.callback(task)
 
     def _settle(self, task: Task, outcome: Outcome, lane: Lane | None = None) -> None:
         """Record the end, then free the slot, then answer: observers see A end before B starts."""

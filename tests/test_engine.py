@@ -135,6 +135,24 @@ class EngineTests(SynchronousTestCase):
 
 
 
+    def test_cleanup_is_known_for_a_task_dropped_from_the_queue(self):
+        lane = Lane(1, queue=True)
+        self.submit(lane)
+        queued = self.submit(lane)
+        queued.cancel()
+        self.assertIs(self.successResultOf(queued.cleaned()), queued)
+        self.assertEqual(queued.cleanup, "complete")
+
+    def test_cleaned_fires_once_the_group_is_verified_empty(self):
+        task = self.submit(Lane(0))
+        waiting = task.cleaned()
+        self.kills.survivors.add(task.runner.pid)
+        exit_with(self.spawn.protocol())
+        self.assertNoResult(waiting)
+        self.kills.survivors.clear()
+        self.clock.advance(0.05)
+        self.assertEqual(self.successResultOf(waiting).cleanup, "complete")
+
 class IdempotencyTests(SynchronousTestCase):
     """A request id is an idempotency key: the engine never starts a second task for it."""
 
@@ -190,3 +208,4 @@ class IdempotencyTests(SynchronousTestCase):
         exit_with(self.spawn.protocol(), 3)
         self.assertEqual(self.successResultOf(second).exit_code, 3)
         self.assertEqual(self.successResultOf(task.ended()).exit_code, 3)
+

@@ -159,6 +159,7 @@ async def test_cancel_kills_a_shell_and_its_grandchild(api):
     cancelled = await api.json("POST", f"/tasks/{record['id']}/cancel")
     assert (cancelled["state"], cancelled["exit_code"], cancelled["error"]) == \
         ("cancelled", -1, "cancelled by request")
+    assert (cancelled["reason"], cancelled["cleanup"]) == ("cancelled", "complete")
     await eventually(lambda: _async(group_alive(record["pid"])), lambda alive: not alive, 5)
 
 
@@ -170,7 +171,7 @@ async def test_cancel_kills_a_task_that_ignores_sigterm_after_the_grace(make_api
     await eventually(lambda: api.json("GET", f"/tasks/{record['id']}"),
                      lambda r: r["stdout_bytes"] > 0)
     cancelled = await api.json("DELETE", f"/tasks/{record['id']}")
-    assert cancelled["state"] == "cancelled"
+    assert (cancelled["state"], cancelled["cleanup"]) == ("cancelled", "complete")
     assert not group_alive(record["pid"])
 
 

@@ -217,7 +217,7 @@ class TaskEndpoints:
             raise Conflict(f"task {id} has already ended ({record.state}); nothing to cancel")
         log.info("task {id} cancelled over HTTP", id=id)
         task.cancel("cancelled by request", self._kill_grace)
-        yield task.ended()
+        yield task.cleaned()  # the answer can say the group was verified empty
         record = yield self._record(id)
         return Response(200, task_json(record))
 
