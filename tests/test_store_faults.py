@@ -50,11 +50,17 @@ def quick_retries(monkeypatch):
     monkeypatch.setattr(store_module, "RETRY_MAX", 0.05)
 
 
+def _fill_disk(store) -> FailingWrites:
+    """Swap the store's connection for one whose writes fail until healed."""
+    database = store._database
+    fault = database._connection = FailingWrites(database._connection)
+    return fault
+
+
 @pytest.fixture
 def full_disk(tmp_path, quick_retries):
     harness = Harness(tmp_path / "data")
-    database = harness.store._database
-    fault = database._connection = FailingWrites(database._connection)
+    fault = _fill_disk(harness.store)
     yield harness, fault
     fault.failing = False
     pytest_twisted.blockon(harness.store.close())
@@ -175,8 +181,7 @@ async def test_waiting_records_are_bounded_dropping_the_oldest_ended_ones(full_d
 @pytest.fixture
 def degraded_api(tmp_path, quick_retries):
     live = LiveApi(tmp_path / "data")
-    database = live.store._database
-    fault = database._connection = FailingWrites(database._connection)
+    fault = _fill_disk(live.store)
     yield live, fault
     fault.failing = False
     pytest_twisted.blockon(ensureDeferred(live.close()))
