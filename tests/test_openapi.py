@@ -9,7 +9,7 @@ from agent.store import STATES
 from agent.web.api import routes
 from agent.web.body import TASK_FIELDS
 from agent.web.openapi import document
-from tests.webapi import api  # noqa: F401
+from tests.webapi import TOKEN, api  # noqa: F401
 
 SPEC = document()
 
@@ -32,6 +32,33 @@ def test_only_healthz_is_documented_without_the_token(api):
     assert all("security" not in item.get(method, {})
                for path, item in SPEC["paths"].items() if path != "/healthz"
                for method in item if method != "parameters")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_documented_operation_refuses_a_missing_wrong_or_non_bearer_token(api):
+    """Driven by the document, so an endpoint added to the API cannot forget the token."""
+    ended = await api.start("true")
+    await api.wait_for_state(ended["id"], "succeeded")
+    running = await api.start("sleep", "30")
+    refusals = {"none": {}, "wrong": {"Authorization": f"Bearer {TOKEN}x"},
+                "basic": {"Authorization": f"Basic {TOKEN}"},
+                "empty": {"Authorization": "Bearer "}}
+    guarded = sorted(_operations(SPEC) - {("GET", "/healthz")})
+    assert len(guarded) >= 8
+    for method, path in guarded:
+        for task in (ended, running):
+            concrete = path.replace("{id}", task["id"])
+            for query in ("", "?purge=true&follow=true"):
+                for name, headers in refusals.items():
+                    response = await api.request(method, concrete + query,
+                                                 {"command": "touch", "args": ["/nonexistent/x"]},
+                                                 token=None, headers=headers)
+                    body = await response.json()
+                    assert response.code == 401, (method, path, query, name, response.code)
+                    assert "error" in body
+    listed = await api.json("GET", "/tasks")
+    assert sorted(t["id"] for t in listed["tasks"]) == sorted([ended["id"], running["id"]])
+    assert (await api.json("GET", f"/tasks/{running['id']}"))["state"] == "running"
 
 
 def test_every_reference_resolves():
