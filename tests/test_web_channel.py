@@ -37,6 +37,19 @@ class HostileClients(SynchronousTestCase):
         self.assertIn(b"larger than 1048576 bytes", self.transport.value())
         self.assertTrue(self.transport.disconnecting)
 
+    def test_a_chunked_body_is_refused_once_it_passes_the_cap(self):
+        self.channel.dataReceived(b"POST /ok HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (64 << 10, b"x" * (64 << 10))
+        sent = 0
+        while not self.transport.disconnecting and sent < 100 << 20:
+            self.channel.dataReceived(chunk)
+            sent += 64 << 10
+        self.assertLessEqual(sent, (1 << 20) + (64 << 10), "read far past the cap")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
+        self.channel.dataReceived(chunk + b"0\r\n\r\n")  # the rest of the body changes nothing
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1"), 1)
+
     def test_headers_dribbled_past_the_deadline_drop_the_client(self):
         for byte in b"GET /ok HTTP/1.1\r\nHost: x\r\n":
             self.channel.dataReceived(bytes([byte]))

@@ -5,7 +5,7 @@ import os
 from typing import Mapping
 
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from agent.engine import Engine, Lane
 from agent.store import Store
@@ -49,10 +49,12 @@ _TOO_LARGE = (b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: applicati
 
 class ApiChannel(HTTPChannel):
     """HTTPChannel that refuses hostile clients early: a body announced larger
-    than MAX_BODY is answered 413 before a byte of it is read, and headers
-    must be complete within HEADER_DEADLINE."""
+    than MAX_BODY is answered 413 before a byte of it is read, a chunked body
+    as soon as it passes MAX_BODY, and headers must be complete within
+    HEADER_DEADLINE."""
 
     _header_timer = None
+    _refused = False
 
     def connectionMade(self):
         super().connectionMade()
@@ -61,12 +63,23 @@ class ApiChannel(HTTPChannel):
     def allHeadersReceived(self):
         self._disarm_header_deadline()
         if self.length is not None and self.length > MAX_BODY:
-            body = b'{"error": "request body is larger than %d bytes"}' % MAX_BODY
-            self.transport.write(_TOO_LARGE % (len(body), body))
-            self.transport.loseConnection()
-            self.dataReceived = self.lineReceived = lambda *args: None
+            self.refuse_too_large()
             return
         super().allHeadersReceived()
+
+    def refuse_too_large(self):
+        """Answer 413 and close without reading (or acting on) the rest of the body."""
+        if self._refused:
+            return
+        self._refused = True
+        body = b'{"error": "request body is larger than %d bytes"}' % MAX_BODY
+        self.transport.write(_TOO_LARGE % (len(body), body))
+        self.transport.loseConnection()
+        self.dataReceived = self.lineReceived = lambda *args: None
+
+    def allContentReceived(self):
+        if not self._refused:  # the rest of a refused body may still be in hand
+            super().allContentReceived()
 
     def requestDone(self, request):
         super().requestDone(request)
@@ -91,12 +104,22 @@ class ApiChannel(HTTPChannel):
         self.transport.abortConnection()
 
 
+class ApiRequest(Request):
+    """A request that has its channel refuse a body once it grows past MAX_BODY."""
+
+    def handleContentChunk(self, data):
+        super().handleContentChunk(data)
+        if getattr(self.content, "too_large", False) and isinstance(self.channel, ApiChannel):
+            self.channel.refuse_too_large()
+
+
 class ApiSite(Site):
     """A Site whose request bodies stop being kept past MAX_BODY (the API answers 413)."""
 
     displayTracebacks = False
     noisy = False
     protocol = ApiChannel
+    requestFactory = ApiRequest
 
     def __init__(self, resource, *args, **kwargs):
         kwargs.setdefault("timeout", IDLE_TIMEOUT)
