@@ -97,20 +97,28 @@ def verify_group_empty(clock, pgid: int, killpg=_killpg, group_alive=_group_aliv
 
     Members may linger for a moment as zombies waiting for a reaper, hence the poll.
     """
-    result: Deferred[bool] = Deferred()
-    give_up_at = clock.seconds() + deadline
+    watch = _GroupWatch(clock, pgid, killpg, group_alive, clock.seconds() + deadline)
+    watch.check()
+    return watch.result
 
-    def check() -> None:
-        if not group_alive(pgid):
-            result.callback(True)
-        elif clock.seconds() >= give_up_at:
-            result.callback(False)
+
+class _GroupWatch:
+    """One group's poll, as an object rather than a self-referencing closure:
+    thousands of tasks a second must not leave reference cycles for the GC."""
+
+    def __init__(self, clock, pgid: int, killpg, group_alive, give_up_at: float):
+        self.result: Deferred[bool] = Deferred()
+        self._clock, self._pgid, self._give_up_at = clock, pgid, give_up_at
+        self._killpg, self._group_alive = killpg, group_alive
+
+    def check(self) -> None:
+        if not self._group_alive(self._pgid):
+            self.result.callback(True)
+        elif self._clock.seconds() >= self._give_up_at:
+            self.result.callback(False)
         else:
-            killpg(pgid, signal.SIGKILL)
-            clock.callLater(CLEANUP_POLL, check)
-
-    check()
-    return result
+            self._killpg(self._pgid, signal.SIGKILL)
+            self._clock.callLater(CLEANUP_POLL, self.check)
 
 
 class TaskProcess(ProcessProtocol):

@@ -199,8 +199,10 @@ class TaskLineProtocol(LineReceiver):
             self.transport.loseConnection()
 
     def _stop_probing(self) -> None:
+        """Stop, and let go: the LoopingCall holds a bound method of this protocol."""
         if self._probe is not None and self._probe.running:
             self._probe.stop()
+        self._probe = None
 
     def connectionLost(self, reason):
         self._gone = True

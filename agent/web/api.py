@@ -105,7 +105,13 @@ class ApiChannel(HTTPChannel):
 
 
 class ApiRequest(Request):
-    """A request that has its channel refuse a body once it grows past MAX_BODY."""
+    """A request that has its channel refuse a body once it grows past MAX_BODY,
+    and whose JSON body is never parsed as an HTML form (Twisted's form parsing
+    builds a new email header class, a reference cycle, on every POST)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parsePOSTFormSubmission = False
 
     def handleContentChunk(self, data):
         super().handleContentChunk(data)

@@ -213,7 +213,8 @@ class OutputStreamer:
         tail.addErrback(lambda f: log.failure("ending an output stream", f))
 
     def _write_tail_and_close(self, tail: bytes) -> None:
-        if getattr(self._request, "_disconnected", False) or self._request.finished:
+        if (self._request is None or getattr(self._request, "_disconnected", False)
+                or self._request.finished):
             return
         if tail:
             self._request.write(tail)
@@ -221,7 +222,11 @@ class OutputStreamer:
         self._request.finish()
 
     def _client_gone(self, _) -> None:
+        """The response is over: finished, or the client left. A request that
+        lost its client still names this streamer as its producer, so drop the
+        way back and leave no reference cycle for the GC."""
         self._stop()
+        self._request = None
 
     def _stop(self) -> None:
         if self._done:
