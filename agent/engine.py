@@ -177,16 +177,17 @@ class Engine:
         """Their clients went away: end each task no other client still holds."""
         self.cancel_many([task for task in tasks if task._let_go()], message)
 
-    def cancel_all(self, message: str) -> None:
-        """End every live task now; used when the agent shuts down."""
-        self.cancel_many(self.live.values(), message)
+    def cancel_all(self, message: str, grace: float = 0.0) -> None:
+        """End every live task; used when the agent shuts down."""
+        self.cancel_many(self.live.values(), message, grace)
 
     @staticmethod
-    def cancel_many(tasks, message: str) -> None:
-        """End several tasks at once: queued ones first, so a slot freed by a
-        killed task cannot start one that is about to be dropped."""
+    def cancel_many(tasks, message: str, grace: float = 0.0) -> None:
+        """End several tasks at once (SIGTERM, then SIGKILL after grace): queued
+        ones first, so a slot freed by an ended task cannot start one that is
+        about to be dropped."""
         for task in sorted(tasks, key=lambda t: t.runner is not None):
-            task.cancel(message)
+            task.cancel(message, grace)
 
     def _start(self, _, task: Task, lane: Lane, run_options) -> None:
         task._waiting_for_slot = None

@@ -5,12 +5,13 @@ import os
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
 from agent.engine import Engine, Lane
+from agent.process import CLEANUP_DEADLINE
 from agent.messages import TIMEOUT_UNITS
 from agent.protocol import TaskLineFactory, _describe
 from agent.retention import Policy, Retention, parse_size
@@ -45,6 +46,9 @@ class Options(usage.Options):
          "Output kept per task and stream; beyond it the newest bytes are kept.", int],
         ["kill-grace", None, 5.0,
          "Seconds between SIGTERM and SIGKILL when a task is cancelled over HTTP.", float],
+        ["shutdown-grace", None, 5.0,
+         "Seconds running tasks get between SIGTERM and SIGKILL when the agent stops; "
+         "0 = SIGKILL at once.", float],
         ["keep-days", None, 30.0,
          "Days an ended task (record and output) is kept, counted from its end; older ones are "
          "pruned at start and hourly. 0 = no age limit.", float],
@@ -76,6 +80,8 @@ class Options(usage.Options):
             raise usage.UsageError("--max-log-bytes must be at least 1")
         if not 0 <= self["kill-grace"] < float("inf"):
             raise usage.UsageError("--kill-grace must be a non-negative number of seconds")
+        if not 0 <= self["shutdown-grace"] < float("inf"):
+            raise usage.UsageError("--shutdown-grace must be a non-negative number of seconds")
         if not 0 <= self["keep-days"] < float("inf"):
             raise usage.UsageError("--keep-days must be 0 (no age limit) or a number of days")
         if self["keep-bytes"] < 0:
@@ -87,10 +93,12 @@ class Options(usage.Options):
 class AgentService(MultiService):
     """The whole agent: its doors (child services), the engine they share, and its history."""
 
-    def __init__(self, engine: Engine, reactor, store: Store | None = None):
+    def __init__(self, engine: Engine, reactor, store: Store | None = None,
+                 shutdown_grace: float = 0.0):
         super().__init__()
         self.engine = engine
         self.store = store
+        self.shutdown_grace = shutdown_grace
         self._reactor = reactor
 
     def privilegedStartService(self):
@@ -105,14 +113,40 @@ class AgentService(MultiService):
 
     def stopService(self):
         stopped = super().stopService()  # the doors stop listening first
-        self.engine.cancel_all("agent shutting down")
-        if self.store is not None:  # after the cancels, so their records reach the disk too
-            stopped = gatherResults([stopped, self.store.close()], consumeErrors=True)
+        ended = self._end_every_task()
+        if self.store is not None:  # after the tasks, so their records reach the disk too
+            ended.addCallback(lambda _: self.store.close())
+        stopped = gatherResults([stopped, ended], consumeErrors=True)
         # Stock twistd re-raises SIGTERM/SIGINT once the reactor stops, so the
         # exit status says "killed by a signal". The agent shut down cleanly: exit 0.
         if getattr(self._reactor, "_exitSignal", None) is not None:
             self._reactor._exitSignal = None
         return stopped
+
+    def _end_every_task(self):
+        """SIGTERM every running task's group (SIGKILL after shutdown_grace), drop
+        queued ones, and fire once each group is verified empty, so the history
+        holds how each one ended and whether its cleanup completed."""
+        tasks = list(self.engine.live.values())
+        if not tasks:
+            return DeferredList([])
+        running = sum(task.runner is not None for task in tasks)
+        log.info("stopping: {running} running task(s) get SIGTERM, SIGKILL after {grace} s; "
+                 "{queued} queued task(s) dropped", running=running, grace=self.shutdown_grace,
+                 queued=len(tasks) - running)
+        self.engine.cancel_all("agent shutting down", grace=self.shutdown_grace)
+        cleaned = DeferredList([task.cleaned() for task in tasks], consumeErrors=True)
+        cleaned.addTimeout(self.shutdown_grace + CLEANUP_DEADLINE + 1.0, self._reactor)
+        cleaned.addCallback(_report_unverified)
+        return cleaned
+
+
+def _report_unverified(results) -> None:
+    """On the timeout each wait still open was cancelled: say so, and stop anyway."""
+    unverified = sum(not succeeded for succeeded, _ in results)
+    if unverified:
+        log.error("stopping: {n} task group(s) still not verified empty; stopping anyway",
+                  n=unverified)
 
 
 class _LoggedEndpointService(StreamServerEndpointService):
@@ -149,7 +183,7 @@ def makeService(options: Options, reactor=None) -> AgentService:
     engine.cleanup_observers.append(store.observe_cleanup)
     engine.history_lookup = store.task_for_key
     engine.output_taps.append(store.tap)
-    agent = AgentService(engine, reactor, store)
+    agent = AgentService(engine, reactor, store, options["shutdown-grace"])
     Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
         .setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue")

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -184,6 +185,32 @@ def test_sigterm_exits_zero_and_leaves_no_children(start_agent):
     _wait_for_children(agent, 3)
     assert agent.stop(signal.SIGTERM) == 0
     assert not agent.survivors()
+
+
+def test_stopping_gives_tasks_a_sigterm_and_the_grace_then_sigkill(start_agent, tmp_path):
+    """A task that cleans up on SIGTERM gets to; one that ignores it is killed
+    after --shutdown-grace; the history says how each ended, cleanup verified."""
+    marker = tmp_path / "cleaned-up"
+    agent = start_agent("--parallel", "0", "--shutdown-grace", "1", "--data-dir", "data")
+    client = agent.connect()
+    client.send({"command": ["sh", "-c", f"trap 'echo bye > {marker}; exit 0' TERM; "
+                                         "sleep 60 & wait"], "id": "polite"},
+                {"command": ["sh", "-c", "trap '' TERM; sleep 60 & wait"], "id": "stubborn"})
+    _wait_for_children(agent, 4)
+    started = time.monotonic()
+    assert agent.stop(signal.SIGTERM) == 0
+    took = time.monotonic() - started
+    assert not agent.survivors()
+    assert marker.read_text() == "bye\n", "the task's SIGTERM handler did not run"
+    answers = {r["id"]: r["error"] for r in client.receive_many(2)}  # the client still hears
+    assert answers == {"polite": "agent shutting down", "stubborn": "agent shutting down"}
+    assert 0.9 <= took < 10, f"stopped after {took:.1f} s with a 1 s grace"
+    assert "stopping: 2 running task(s) get SIGTERM, SIGKILL after 1.0 s" in agent.log
+    with sqlite3.connect(tmp_path / "data" / "history.sqlite3") as db:
+        rows = {row[0]: row[1:] for row in db.execute(
+            "SELECT request_id, state, error, cleanup FROM tasks")}
+    assert rows == {"polite": ("cancelled", "agent shutting down", "complete"),
+                    "stubborn": ("cancelled", "agent shutting down", "complete")}
 
 
 def test_sigint_exits_zero_too(start_agent):
