@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from agent.engine import Engine, Lane
+from agent.fdlimit import raise_open_file_limit
 from agent.process import CLEANUP_DEADLINE
 from agent.messages import TIMEOUT_UNITS
 from agent.protocol import TaskLineFactory, _describe
@@ -102,6 +103,7 @@ class AgentService(MultiService):
         self._reactor = reactor
 
     def privilegedStartService(self):
+        raise_open_file_limit()  # before the doors accept anyone or a task starts
         super().privilegedStartService()  # the doors bind their ports first
         if self.store is not None:
             self.store.open()

@@ -27,6 +27,8 @@ except ImportError:  # pragma: no cover - not POSIX
     resource = None
 
 from twisted.internet import fdesc, process
+
+from agent import fdlimit
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 READ_CHUNK = 1 << 20
@@ -125,6 +127,7 @@ class GroupProcess(process.Process):
             setpgroup=0,
         )
         self.status = -1
+        _give_back_open_file_limit(self.pid)
         return True
 
     def _fork(self, path, uid, gid, executable, args, environment, **kwargs):
@@ -151,7 +154,10 @@ class GroupProcess(process.Process):
     def _execChild(self, path, uid, gid, executable, args, environment):
         fdesc._setCloseOnExec(self._exec_report_fd)
         try:
-            for limit, soft_and_hard in self.rlimits:
+            original = fdlimit.children_limit()
+            if original is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, original)
+            for limit, soft_and_hard in self.rlimits:  # a task's own nofile comes last and wins
                 resource.setrlimit(limit, soft_and_hard)
             super()._execChild(path, uid, gid, executable, args, environment)
         except OSError as e:
@@ -159,6 +165,17 @@ class GroupProcess(process.Process):
         except ValueError:  # setrlimit: above the hard limit
             os.write(self._exec_report_fd, str(errno.EPERM).encode())
         os._exit(127)
+
+
+def _give_back_open_file_limit(pid: int) -> None:
+    """posix_spawn cannot set a limit in the child, so set it from outside, at once:
+    the program has only just started."""
+    original = fdlimit.children_limit()
+    if original is not None:
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
+        except OSError:
+            pass  # already gone: nothing left to limit
 
 
 def _ignored_signals() -> list[int]:

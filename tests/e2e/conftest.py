@@ -1,9 +1,11 @@
 """A real `twistd -n agent` in a subprocess, found by the ports it logs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -24,12 +26,13 @@ LISTENING = re.compile(r"(?P<what>[\w ]+?) listening on (?P<host>[\d.]+):(?P<por
 class AgentProcess:
     """One agent process; its own session, so a test can prove nothing outlived it."""
 
-    def __init__(self, args, cwd, doors=("TCP task protocol",), startup_timeout=15.0):
+    def __init__(self, args, cwd, doors=("TCP task protocol",), startup_timeout=15.0,
+                 nofile: int | None = None):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "agent", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_default_sigint)
+            preexec_fn=functools.partial(_as_from_a_shell, nofile))
         self.log_lines: list[str] = []
         self.ports: dict[str, int] = {}
         self._changed = threading.Condition()
@@ -97,9 +100,13 @@ class AgentProcess:
         return wait_until_empty(session_members, self.proc.pid, timeout)
 
 
-def _default_sigint():
-    """As from a terminal: a background CI job would hand the agent SIGINT ignored."""
+def _as_from_a_shell(nofile: int | None):
+    """As from a terminal: a background CI job would hand the agent SIGINT ignored.
+    nofile: the soft open-file limit the agent starts with (as `ulimit -Sn`)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if nofile is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 class LineClient:
@@ -136,9 +143,9 @@ def start_agent(tmp_path):
     """start_agent(*args) -> AgentProcess; each is stopped and checked for survivors."""
     agents: list[AgentProcess] = []
 
-    def start(*args, cwd=None, doors=("TCP task protocol",)):
+    def start(*args, cwd=None, doors=("TCP task protocol",), nofile=None):
         agent = AgentProcess(["--listen", "tcp:0:interface=127.0.0.1", *args],
-                             cwd or tmp_path, doors)
+                             cwd or tmp_path, doors, nofile=nofile)
         agents.append(agent)
         return agent
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -211,6 +212,32 @@ def test_stopping_gives_tasks_a_sigterm_and_the_grace_then_sigkill(start_agent, 
             "SELECT request_id, state, error, cleanup FROM tasks")}
     assert rows == {"polite": ("cancelled", "agent shutting down", "complete"),
                     "stubborn": ("cancelled", "agent shutting down", "complete")}
+
+
+def _soft_nofile(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        return next(int(line.split()[3]) for line in f if line.startswith("Max open files"))
+
+
+def test_a_low_open_file_limit_is_raised_and_tasks_get_the_original(start_agent):
+    """Started with `ulimit -Sn 128`, the agent still runs 100 tasks at once
+    (200 pipe ends), and each task sees the 128 it was started with."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves nothing to raise to")
+    agent = start_agent("--parallel", "0", nofile=128)
+    assert _soft_nofile(agent.proc.pid) > 128
+    agent.wait_for_log("open-file limit raised from 128")
+    client = agent.connect()
+    client.send(*({"command": ["sleep", "30"], "id": f"s{n}"} for n in range(100)))
+    client.send({"command": ["sh", "-c", "ulimit -Sn"], "id": "limit"},
+                {"command": ["sh", "-c", "ulimit -Sn"], "id": "limit-forked",
+                 "limits": {"cpu_s": 60}})  # limits take the fork path, not posix_spawn
+    answers = {r["id"]: r["output"] for r in client.receive_many(2)}
+    assert answers == {"limit": "128\n", "limit-forked": "128\n"}
+    children = _wait_for_children(agent, 100)
+    assert all(_soft_nofile(pid) == 128 for pid in children[:10])
+    assert agent.stop(signal.SIGTERM) == 0
 
 
 def test_sigint_exits_zero_too(start_agent):

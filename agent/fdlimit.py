@@ -1,0 +1,70 @@
+"""The agent's open-file limit: raised to the hard limit at start, given back to children.
+
+Each running task holds two pipe descriptors in the agent, so at the soft
+limit most services start with (1024 under systemd) the agent could not run
+about 500 tasks at once: the next spawn would fail with EMFILE, and so would
+accepting a connection. The hard limit is what the administrator allows, so
+the agent takes it, as Go programs and nginx do. Children get the original
+soft limit back: a program that uses select() must never see a descriptor
+over 1023, and a task should not inherit what only the agent needed.
+"""
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None
+
+log = Logger()
+
+NR_OPEN_PATH = "/proc/sys/fs/nr_open"
+NR_OPEN_FALLBACK = 1 << 20
+"""Linux refuses a limit above fs.nr_open, even when the hard limit is unlimited."""
+
+_original: tuple[int, int] | None = None
+
+
+def children_limit() -> tuple[int, int] | None:
+    """(soft, hard) to give a child, or None when the agent never raised its own."""
+    return _original
+
+
+def raise_open_file_limit(nr_open_path: str = NR_OPEN_PATH) -> tuple[int, int] | None:
+    """Raise the soft limit to the hard one (capped at fs.nr_open); (old, new) if raised."""
+    global _original
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(_finite(hard), _nr_open(nr_open_path))
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warn("could not raise the open-file limit from {soft} to {target}: {error}",
+                     soft=soft, target=target, error=e)
+            return None
+        _original = (soft, hard)
+        log.info("open-file limit raised from {soft} to {target} (tasks still get {soft})",
+                 soft=soft, target=target)
+        return soft, target
+    return None
+
+
+def forget_raise() -> None:
+    """Children keep the agent's own limit again (for tests)."""
+    global _original
+    _original = None
+
+
+def _finite(limit: int) -> int:
+    return NR_OPEN_FALLBACK if limit == resource.RLIM_INFINITY else limit
+
+
+def _nr_open(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return NR_OPEN_FALLBACK
