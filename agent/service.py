@@ -30,6 +30,9 @@ class Options(usage.Options):
          int],
         ["when-busy", None, "reject",
          "Over --parallel: reject (answer 'cannot allow concurrent executions' at once) or queue (FIFO)."],
+        ["max-queue", None, 10000,
+         "With --when-busy queue: most TCP tasks waiting for a slot; past it a request is "
+         "answered 'cannot allow concurrent executions' at once. 0 = no bound.", int],
         ["max-line", None, 1 << 20, "Longest request line in bytes; longer ones get an error result.", int],
         ["max-output-bytes", None, 256 << 20,
          "Most stdout bytes one TCP task may write; beyond it the task is killed "
@@ -71,6 +74,8 @@ class Options(usage.Options):
             raise usage.UsageError("--parallel must be 0 (unlimited) or more")
         if self["when-busy"] not in ("reject", "queue"):
             raise usage.UsageError("--when-busy must be reject or queue")
+        if self["max-queue"] < 0:
+            raise usage.UsageError("--max-queue must be 0 (no bound) or more")
         if self["max-line"] < 64:
             raise usage.UsageError("--max-line must be at least 64 bytes")
         if self["max-output-bytes"] < 1:
@@ -188,7 +193,8 @@ def makeService(options: Options, reactor=None) -> AgentService:
     agent = AgentService(engine, reactor, store, options["shutdown-grace"])
     Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
         .setServiceParent(agent)
-    lane = Lane(options["parallel"], queue=options["when-busy"] == "queue")
+    lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
+                max_waiting=options["max-queue"])
     factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"], reactor,
                               max_output=options["max-output-bytes"], history=store)
     tcp = _LoggedEndpointService(serverFromString(reactor, options["listen"]), factory,

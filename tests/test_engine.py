@@ -53,6 +53,20 @@ class EngineTests(SynchronousTestCase):
         exit_with(self.spawn.protocol(1))
         self.assertEqual([argv[0] for argv, _ in self.spawn.spawned], ["a", "b", "c"])
 
+    def test_a_full_queue_refuses_at_once_and_takes_again_once_one_starts(self):
+        lane = Lane(1, queue=True, max_waiting=2)
+        self.submit(lane, "a")
+        waiting = [self.submit(lane, name) for name in ("b", "c")]
+        self.assertEqual(lane.waiting, 2)
+        self.assertRaises(Busy, self.submit, lane, "d")
+        self.assertEqual(set(self.engine.live.values()) & set(waiting), set(waiting))
+        exit_with(self.spawn.protocol(0))  # a ends, b starts: one place in the queue
+        self.submit(lane, "e")
+        self.assertEqual(lane.waiting, 2)
+        waiting[1].cancel("client disconnected")  # a dropped waiter frees its place too
+        self.submit(lane, "f")
+        self.assertRaises(Busy, self.submit, lane, "g")
+
     def test_unlimited_lane_never_waits(self):
         lane = Lane(0)
         for _ in range(50):
