@@ -1,6 +1,8 @@
 """Hostile HTTP clients are refused early: huge announced bodies, dribbled headers."""
 from __future__ import annotations
 
+import io
+
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -22,6 +24,7 @@ class HostileClients(SynchronousTestCase):
         self.clock = task.Clock()
         root = Resource()
         root.putChild(b"ok", Fine())
+        root.putChild(b"healthz", Fine())
         self.site = ApiSite(root, reactor=self.clock)
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
         self.transport = StringTransport()
@@ -65,6 +68,14 @@ class HostileClients(SynchronousTestCase):
         self.channel.dataReceived(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(self.transport.value().count(b"fine"), 2)
         self.assertFalse(self.transport.disconnecting)
+
+    def test_every_request_is_logged_but_a_healthy_healthz(self):
+        self.site._logFile = io.StringIO()
+        for path in (b"/healthz", b"/ok", b"/healthz", b"/ok?again"):
+            self.channel.dataReceived(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+        logged = self.site._logFile.getvalue().splitlines()
+        self.assertEqual([line.split('"')[3] for line in logged],
+                         ["GET /ok HTTP/1.1", "GET /ok?again HTTP/1.1"])
 
     def test_idle_timeout_is_a_minute_not_twelve_hours(self):
         self.assertEqual(self.site.timeOut, IDLE_TIMEOUT)
