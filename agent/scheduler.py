@@ -7,6 +7,8 @@ Two modes:
   "cannot allow concurrent executions" goes back to the head of the queue for
   the next free agent (the same one after a back-off when it is alone), so a
   batch finishes as fast as the nodes allow and every task runs exactly once;
+  a task with an id whose connection drops mid-task is asked for again on the
+  same agent, which answers a known id with its result instead of running it;
 - --pace MS: seed A's reference scheduler, exactly: one connection to the
   first agent, a request line every MS milliseconds without waiting, then as
   many result lines as were sent, each within 10 s.
@@ -39,6 +41,8 @@ DEFAULT_AGENT = "127.0.0.1:3000"
 CONNECT_TIMEOUT = 10.0
 PACED_RESULT_DEADLINE = 10.0
 FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0
+MAX_RECONNECTS = 3
+"""Times a task with an id is asked for again on its agent after the connection dropped."""
 MAX_RESULT_LINE = 1 << 30  # a result carries a task's whole stdout, JSON-escaped
 
 
@@ -97,6 +101,7 @@ class Summary:
     busy: int = 0  # busy answers printed as results (pace mode)
     missing: int = 0  # tasks without a result
     retried: int = 0  # busy answers the default mode sent again
+    asked_again: int = 0  # tasks with an id asked for again after a dropped connection
 
     def count(self, result: dict) -> None:
         error = result.get("error")
@@ -111,9 +116,11 @@ class Summary:
 
     def line(self, elapsed: float) -> str:
         retried = f"{self.retried} busy answers retried, " if self.retried else ""
+        asked = (f"{self.asked_again} asked for again after a dropped connection, "
+                 if self.asked_again else "")
         return (f"agent-scheduler: {self.sent} sent, {self.ok} ok, {self.failed} failed, "
                 f"{self.timed_out} timed out, {self.busy} busy, {self.missing} without result, "
-                f"{retried}{elapsed:.2f} s")
+                f"{retried}{asked}{elapsed:.2f} s")
 
 
 # -- one connection
@@ -215,6 +222,7 @@ class AgentConnection(LineReceiver):
 class _Task:
     request: dict
     attempts: int = 0  # busy answers so far
+    reconnects: int = 0  # times asked for again after the connection dropped mid-task
 
 
 class _Batch:
@@ -338,14 +346,12 @@ class Scheduler:
                 batch.give_back(item)
                 self._lost(address, connection)
                 return
-            connection.send(item.request)
             if not item.attempts:
                 self.summary.sent += 1
-            result = await connection.next_result(self._reactor)
+            result, connection = await self._result_from(address, connection, item)
             if result is _Closed:
                 batch.finish()
-                self.summary.missing += 1  # it may have run: never resend it
-                self._lost(address, connection, mid_task=True)
+                self.summary.missing += 1  # it may have run: never resend it elsewhere
                 return
             if result.fields.get("error") == BUSY_ERROR:
                 item.attempts += 1
@@ -359,9 +365,38 @@ class Scheduler:
             self.emit(result)
         connection.transport.loseConnection()
 
-    def _lost(self, address, connection: AgentConnection, mid_task: bool = False) -> None:
+    async def _result_from(self, address, connection: AgentConnection, item: _Task):
+        """Send the task and read its result: (Result or _Closed, the connection now).
+
+        A connection that drops mid-task may have run the task. With an id the
+        same agent is asked again: it answers a known id with that task's result
+        and never runs it twice. Without one (or on another agent, which does
+        not know the id) the task is never sent again.
+        """
+        connection.send(item.request)
+        result = await connection.next_result(self._reactor)
+        while result is _Closed:
+            task_id = item.request.get("id")
+            if not task_id or item.reconnects >= MAX_RECONNECTS:
+                self._lost(address, connection, mid_task=True)
+                return _Closed, connection
+            self._lost(address, connection, mid_task=True,
+                       then=f"; asking it again for id {task_id!r}")
+            await task.deferLater(self._reactor, backoff(item.reconnects), lambda: None)
+            item.reconnects += 1
+            reconnected = await self.connect(address)
+            if reconnected is None:
+                return _Closed, connection
+            connection = reconnected
+            self.summary.asked_again += 1
+            connection.send(item.request)
+            result = await connection.next_result(self._reactor)
+        return result, connection
+
+    def _lost(self, address, connection: AgentConnection, mid_task: bool = False,
+              then: str = "") -> None:
         what = connection.problem or "closed the connection"
-        self._complain(f"{_name(address)} {what}{' mid-task' if mid_task else ''}")
+        self._complain(f"{_name(address)} {what}{' mid-task' if mid_task else ''}{then}")
 
 
 def _endpoint(reactor, host: str, port: int):

@@ -232,7 +232,8 @@ class FakeNode:
     Commands are ["task", NAME, MS]: the task "runs" MS milliseconds, or gets
     "timeout exceeded" after the request's timeout (in ms) when that is less.
     `busy` forces that many busy answers first; a task named in `drop_on`
-    makes the node hang up instead of answering.
+    makes the node hang up instead of answering. Like the agent, a request
+    whose id the node knows is answered with that task's result, not run.
     """
 
     def __init__(self, slots=1, busy=0, drop_on=()):
@@ -240,6 +241,7 @@ class FakeNode:
         self.running = 0
         self.received: list[tuple[int, float, dict]] = []  # (connection, time, request)
         self.ran: list[str] = []
+        self.known: dict[str, dict] = {}  # id -> result
         self.connections = 0
         self.busy_answers = 0
         self.address = None
@@ -274,6 +276,9 @@ class FakeAgentProtocol(LineReceiver):
         node, request = self.factory.node, json.loads(line)
         command = request["command"]
         node.received.append((self.number, time.monotonic(), request))
+        if request.get("id") in node.known:
+            self._answer({**node.known[request["id"]], "replayed": True}, request)
+            return
         if node.busy > 0 or node.running >= node.slots:
             node.busy = max(node.busy - 1, 0)
             node.busy_answers += 1
@@ -282,6 +287,11 @@ class FakeAgentProtocol(LineReceiver):
         name, ms = command[1], int(command[2])
         node.ran.append(name)
         if name in node.drop_on:
+            if "id" in request:  # it ran; only its result was lost with the connection
+                node.known[request["id"]] = {
+                    "command": command, "executed_at": 1795388686, "duration_ms": float(ms),
+                    "exit_code": 0, "output": f"ran {name} – ok\n", "error": ""}
+            node.drop_on.discard(name)
             self.transport.loseConnection()
             return
         node.running += 1
@@ -297,6 +307,8 @@ class FakeAgentProtocol(LineReceiver):
 
     def _finish(self, request, result):
         self.factory.node.running -= 1
+        if "id" in request:
+            self.factory.node.known[request["id"]] = dict(result)
         self._answer(result, request)
 
     def _answer(self, result, request):
@@ -433,6 +445,24 @@ async def test_a_task_whose_connection_drops_is_never_resent():
     assert sorted(r["command"][1] for r in _printed(out)) == ["t1", "t2", "t3"]
     assert scheduler.summary.missing == 1 and scheduler.summary.sent == 4
     assert f"127.0.0.1:{first.address[1]} closed the connection mid-task" in err.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_with_an_id_is_asked_for_again_on_its_agent_and_runs_once():
+    first, second = await FakeNode(drop_on={"t0"}).start(), await FakeNode().start()
+    scheduler, out, err = _scheduler(first, second)
+    tasks = [{**_task(f"t{i}", 20), "id": f"t{i}"} for i in range(4)]
+    await scheduler.spread(tasks)
+    await first.stop()
+    await second.stop()
+    assert (first.ran + second.ran).count("t0") == 1
+    printed = {r["id"]: r for r in _printed(out)}
+    assert sorted(printed) == ["t0", "t1", "t2", "t3"]
+    assert printed["t0"]["replayed"] is True and printed["t0"]["exit_code"] == 0
+    assert [r["id"] for _, _, r in first.received].count("t0") == 2  # asked again, same node
+    assert (scheduler.summary.missing, scheduler.summary.asked_again) == (0, 1)
+    assert "closed the connection mid-task; asking it again for id 't0'" in err.getvalue()
+    assert "1 asked for again after a dropped connection" in scheduler.summary_line()
 
 
 @pytest_twisted.ensureDeferred
