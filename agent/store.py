@@ -443,6 +443,7 @@ class Store:
         self._lock_fd = _lock(self._data_dir / "lock")
         connection = _connect(self._data_dir / "history.sqlite3")
         self.recovered = _recover(connection, self._data_dir, self._reactor.seconds())
+        _sweep_orphan_output(connection, self._data_dir / "output")
         for key, task_id in connection.execute(
                 "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL "
                 "AND request_id != '' ORDER BY seq"):
@@ -750,6 +751,37 @@ def _recover(connection: sqlite3.Connection, data_dir: Path, now: float) -> list
     log.warn("{n} task(s) were queued or running when the agent last stopped: marked lost; "
              "killed {k} process group(s) they left behind", n=len(rows), k=len(killed))
     return [row[0] for row in rows]
+
+
+def _sweep_orphan_output(connection: sqlite3.Connection, output_root: Path) -> int:
+    """Remove output directories no record points to; how many.
+
+    A task whose first record had not reached the disk when the agent was
+    killed leaves its output behind with no row, and neither retention nor a
+    purge would ever find it. At start nothing is running, so what has no
+    row is garbage. Names that are not task ids are left alone.
+    """
+    try:
+        names = [entry.name for entry in os.scandir(output_root) if entry.is_dir()]
+    except FileNotFoundError:
+        return 0
+    swept, freed = 0, 0
+    for name in names:
+        if not TASK_ID.match(name) or connection.execute(
+                "SELECT 1 FROM tasks WHERE id = ?", (name,)).fetchone():
+            continue
+        try:
+            freed += retention.remove_output(output_root / name)
+        except OSError as e:
+            log.warn("cannot remove output {name} that no task record points to: {error}",
+                     name=name, error=e)
+            continue
+        swept += 1
+    if swept:
+        log.warn("removed the output of {n} task(s) that had no record ({freed} bytes), "
+                 "left by an agent killed before their first record was written",
+                 n=swept, freed=freed)
+    return swept
 
 
 _ENDED = tuple(sorted(ENDED_STATES))

@@ -281,6 +281,20 @@ def _create_history(data_dir):
     os.close(store._lock_fd)
 
 
+@pytest_twisted.ensureDeferred
+async def test_output_no_record_points_to_is_removed_at_start(tmp_path):
+    data = tmp_path / "d"
+    _create_history(data)
+    _insert_running(data, None, None, None)  # a task with a record ("a" * 32)
+    for name in ("a" * 32, "b" * 32, "not-a-task"):
+        (data / "output" / name).mkdir(parents=True)
+        (data / "output" / name / "1").write_bytes(b"x" * 100)
+    store = Store(data, reactor).open()
+    store.start()
+    await store.close()
+    assert sorted(p.name for p in (data / "output").iterdir()) == ["a" * 32, "not-a-task"]
+
+
 def _sleeper_group():
     return subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], process_group=0)
 
