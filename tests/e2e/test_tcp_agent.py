@@ -354,3 +354,20 @@ def test_request_limits_reach_the_task(start_agent):
     results = {r["id"]: r for r in client.receive_many(2)}
     assert results["ok"]["output"] == "40\n"
     assert "unknown key 'gpus'" in results["bad"]["error"]
+
+
+def test_the_example_systemd_unit_starts_an_agent_with_valid_options():
+    """examples/agent.service must not rot: its ExecStart options parse, and the
+    stop timeout leaves room for the grace and the cleanup checks."""
+    from agent.process import CLEANUP_DEADLINE
+    from agent.service import Options
+
+    unit = (REPO / "examples" / "agent.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.replace("\\\n", " ").splitlines()
+                    if "=" in line and not line.startswith("#"))
+    argv = settings["ExecStart"].split()
+    assert argv[1:4] == ["-n", "--pidfile=", "agent"]
+    options = Options()
+    options.parseOptions(argv[4:])
+    assert settings["KillMode"] == "mixed"
+    assert float(settings["TimeoutStopSec"]) > options["shutdown-grace"] + CLEANUP_DEADLINE
