@@ -34,6 +34,12 @@ class FailingWrites:
             raise sqlite3.OperationalError("database or disk is full")
         return self._connection.executemany(sql, rows)
 
+    def execute(self, sql, *args):
+        if self.failing and sql.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE",
+                                                                       "DELETE"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._connection.execute(sql, *args)
+
     def __enter__(self):
         return self._connection.__enter__()
 
@@ -207,10 +213,31 @@ async def test_while_degraded_healthz_says_why_and_tasks_are_refused_up_front(de
     assert health["history"]["since"].endswith("Z")
     spawned_before = fault.attempts
     for path in ("/tasks", "/run"):
-        refused = await api.json("POST", path, {"command": "true"}, expect=503)
-        assert "no task is started" in refused["error"]
+        refused = await api.request("POST", path, {"command": "true"})
+        assert refused.code == 503 and "no task is started" in (await refused.json())["error"]
+        assert refused.headers.getRawHeaders("Retry-After") == ["5"]
     assert api.engine.live == {} and fault.attempts - spawned_before <= 2
     fault.failing = False
     await eventually(lambda: api.json("GET", "/healthz", token=None),
                      lambda h: h["status"] == "ok")
     await api.start("true")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_purge_while_the_history_cannot_be_written_is_503_and_removes_nothing(
+        tmp_path, quick_retries):
+    api = LiveApi(tmp_path / "data")
+    try:
+        done = await api.start("true")
+        await api.wait_for_state(done["id"], "succeeded")
+        fault = _fill_disk(api.store)
+        await api.json("POST", "/tasks", {"command": "true"}, expect=503)  # the disk is full
+        refused = await api.request("DELETE", f"/tasks/{done['id']}?purge=true")
+        assert refused.code == 503 and "nothing was purged" in (await refused.json())["error"]
+        assert refused.headers.getRawHeaders("Retry-After") == ["5"]
+        fault.failing = False
+        await eventually(lambda: api.json("GET", "/healthz", token=None),
+                         lambda h: h["status"] == "ok")
+        assert (await api.json("GET", f"/tasks/{done['id']}"))["state"] == "succeeded"
+    finally:
+        await api.close()

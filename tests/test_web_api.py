@@ -199,9 +199,10 @@ async def test_unknown_ids_are_404_everywhere(api):
 async def test_over_max_running_is_429_and_starts_nothing(make_api):
     api = make_api(max_running=1)
     await api.start("sleep", "30")
-    body = await api.json("POST", "/tasks", {"command": "touch", "args": ["/tmp/never"]},
-                          expect=429)
-    assert "--max-running" in body["error"]
+    refused = await api.request("POST", "/tasks", {"command": "touch", "args": ["/tmp/never"]})
+    body = await refused.json()
+    assert refused.code == 429 and "--max-running" in body["error"]
+    assert refused.headers.getRawHeaders("Retry-After") == ["1"]
     assert len(api.engine.live) == 1
     assert len((await api.json("GET", "/tasks"))["tasks"]) == 1
 

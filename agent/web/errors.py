@@ -4,11 +4,16 @@ from __future__ import annotations
 
 class ApiError(Exception):
     status = 400
+    retry_after: int | None = None
+    """Seconds after which a retry may work, sent as Retry-After (HTTP clients'
+    retry helpers honour it); None for errors a retry cannot fix."""
 
     def __init__(self, message: str, headers: dict[bytes, bytes] | None = None):
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if self.retry_after is not None:
+            self.headers.setdefault(b"Retry-After", str(self.retry_after).encode())
 
 
 class BadRequest(ApiError):
@@ -45,9 +50,11 @@ class Unprocessable(ApiError):
 
 class TooManyTasks(ApiError):
     status = 429
+    retry_after = 1  # a running task may end at any moment
 
 
 class Unavailable(ApiError):
     """The agent cannot do this now (its history cannot be written); retrying later may work."""
 
     status = 503
+    retry_after = 5  # the store retries its writes every 0.5 s to 30 s

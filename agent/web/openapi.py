@@ -43,8 +43,13 @@ def _json(schema_name: str) -> dict:
     return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
 
 
-def _error(description: str) -> dict:
-    return {"description": description, **_json("Error")}
+def _error(description: str, retry_after: bool = False) -> dict:
+    error = {"description": description, **_json("Error")}
+    if retry_after:
+        error["headers"] = {"Retry-After": {
+            "description": "seconds after which a retry may succeed",
+            "schema": {"type": "integer"}}}
+    return error
 
 
 _REFUSED = {"401": _error("no or a wrong bearer token")}
@@ -55,8 +60,9 @@ _IDEMPOTENCY_KEY = {
 _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
              "422": _error("a field of the wrong type (the message names it), or a known "
                            "id/Idempotency-Key sent with a different command"),
-             "429": _error("--max-running HTTP tasks are already running"),
-             "503": _error("the task history cannot be written; nothing was started")}
+             "429": _error("--max-running HTTP tasks are already running", retry_after=True),
+             "503": _error("the task history cannot be written; nothing was started",
+                           retry_after=True)}
 _TASK = {"description": "the task", **_json("Task")}
 _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task")},
                      "404": _error("no such task"),
@@ -183,6 +189,8 @@ def document() -> dict[str, Any]:
                         "404": _error("no such task"),
                         "409": _error("the task has already ended (cancel); the task has not "
                                       "ended yet (purge=true: cancel it first)"),
+                        "503": _error("purge=true: the task history cannot be written; "
+                                      "nothing was purged", retry_after=True),
                         **_REFUSED}}},
             "/tasks/{id}/cancel": {
                 "parameters": [_ID],
