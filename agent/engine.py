@@ -145,6 +145,8 @@ class Engine:
         self.cleanup_observers: list[Callable[[Task], None]] = []
         """Called once a finished task's cleanup is known (task.cleanup set): a separate
         kind of news, so an observer can never take it for a second end."""
+        self.log_tasks = "all"
+        """Which ended tasks get a log line: all, failures (not exit code 0) or none."""
         self.output_taps: list[Callable[[Task], OutputSink]] = []
         """Each gives a second sink for a task's output (the store's spool),
         asked when the task starts; the door's own sink still gets every chunk."""
@@ -220,6 +222,8 @@ class Engine:
     def _finished(self, outcome: Outcome, task: Task, lane: Lane) -> None:
         """Answer first, log second: the log line costs ~50 us that no client should wait for."""
         self._settle(task, outcome, lane)
+        if self.log_tasks == "none" or (self.log_tasks == "failures" and outcome.succeeded):
+            return
         log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
                  id=task.request.id or task.id, argv0=task.request.command[0],
                  ending=outcome.ending.value, exit_code=outcome.exit_code,

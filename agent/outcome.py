@@ -44,6 +44,11 @@ class Outcome:
         """False for a task that never ran: it could not start or was dropped from the queue."""
         return self.started_at is not None
 
+    @property
+    def succeeded(self) -> bool:
+        """The program ran and exited 0."""
+        return self.ending is Ending.EXITED and self.exit_code == 0
+
     @classmethod
     def start_failed(cls, error: str) -> Outcome:
         return cls(Ending.START_FAILED, -1, error)

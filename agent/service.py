@@ -30,6 +30,8 @@ class Options(usage.Options):
          int],
         ["when-busy", None, "reject",
          "Over --parallel: reject (answer 'cannot allow concurrent executions' at once) or queue (FIFO)."],
+        ["log-tasks", None, "all",
+         "Which ended tasks get a log line: all, failures (anything but exit code 0) or none."],
         ["max-queue", None, 10000,
          "With --when-busy queue: most TCP tasks waiting for a slot; past it a request is "
          "answered 'cannot allow concurrent executions' at once. 0 = no bound.", int],
@@ -74,6 +76,8 @@ class Options(usage.Options):
             raise usage.UsageError("--parallel must be 0 (unlimited) or more")
         if self["when-busy"] not in ("reject", "queue"):
             raise usage.UsageError("--when-busy must be reject or queue")
+        if self["log-tasks"] not in ("all", "failures", "none"):
+            raise usage.UsageError("--log-tasks must be all, failures or none")
         if self["max-queue"] < 0:
             raise usage.UsageError("--max-queue must be 0 (no bound) or more")
         if self["max-line"] < 64:
@@ -184,6 +188,7 @@ def makeService(options: Options, reactor=None) -> AgentService:
     if reactor is None:
         from twisted.internet import reactor
     engine = Engine(reactor)
+    engine.log_tasks = options["log-tasks"]
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
                   keep_tcp_output=bool(options["keep-tcp-output"]))
     engine.observers.append(store.observe)

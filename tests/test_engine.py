@@ -1,6 +1,7 @@
 """The engine's rules: lanes reject or queue FIFO, cancel, shutdown, observers."""
 from __future__ import annotations
 
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent.engine import AlreadyKnown, Busy, Lane
@@ -66,6 +67,31 @@ class EngineTests(SynchronousTestCase):
         waiting[1].cancel("client disconnected")  # a dropped waiter frees its place too
         self.submit(lane, "f")
         self.assertRaises(Busy, self.submit, lane, "g")
+
+    def _logged_tasks(self, log_tasks: str) -> list[str]:
+        events = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        try:
+            self.engine.log_tasks = log_tasks
+            lane = Lane(0)
+            self.submit(lane, "ok"), self.submit(lane, "bad"), self.submit(lane, "slow", timeout=1)
+            exit_with(self.spawn.protocol(0), 0)
+            exit_with(self.spawn.protocol(1), 2)
+            self.clock.advance(1)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        return [e["argv0"] for e in events if e.get("log_namespace") == "agent.engine"
+                and "argv0" in e]
+
+    def test_log_tasks_chooses_which_ended_tasks_get_a_line(self):
+        self.assertEqual(self._logged_tasks("all"), ["ok", "bad", "slow"])
+
+    def test_log_tasks_failures_leaves_out_exit_code_zero(self):
+        self.assertEqual(self._logged_tasks("failures"), ["bad", "slow"])
+
+    def test_log_tasks_none_logs_no_task(self):
+        self.assertEqual(self._logged_tasks("none"), [])
 
     def test_unlimited_lane_never_waits(self):
         lane = Lane(0)
