@@ -23,6 +23,10 @@ class Busy(Exception):
     """The lane's limit is reached and it rejects rather than queues."""
 
 
+class ShuttingDown(Exception):
+    """The agent is stopping: it answers for tasks it knows but starts no new one."""
+
+
 class AlreadyKnown(Exception):
     """The request's id (its idempotency key) names a task the agent already has:
     it is not run again. `task` is the live task, or None if it has ended
@@ -145,6 +149,8 @@ class Engine:
         self.cleanup_observers: list[Callable[[Task], None]] = []
         """Called once a finished task's cleanup is known (task.cleanup set): a separate
         kind of news, so an observer can never take it for a second end."""
+        self.accepting = True
+        """False once the agent is stopping: submit raises ShuttingDown."""
         self.log_tasks = "all"
         """Which ended tasks get a log line: all, failures (not exit code 0) or none."""
         self.output_taps: list[Callable[[Task], OutputSink]] = []
@@ -162,6 +168,8 @@ class Engine:
         key = request.id or None
         if key is not None:
             self._refuse_known(key)
+        if not self.accepting:
+            raise ShuttingDown()
         slot = lane.acquire()
         task = Task(request, source, sink, uuid.uuid4().hex, held)
         self.live[task.id] = task
@@ -187,7 +195,9 @@ class Engine:
         self.cancel_many([task for task in tasks if task._let_go()], message)
 
     def cancel_all(self, message: str, grace: float = 0.0) -> None:
-        """End every live task; used when the agent shuts down."""
+        """End every live task and start no new one: the agent is shutting down.
+        (Connections stay open during the grace, and a task started then would outlive it.)"""
+        self.accepting = False
         self.cancel_many(self.live.values(), message, grace)
 
     @staticmethod

@@ -20,6 +20,7 @@ LIMIT_NAMES = ("cpu_s", "memory_mb", "nofile")
 """Per-task resource limits a request may ask for (see agent.spawn.RLIMITS)."""
 
 BUSY_ERROR = "cannot allow concurrent executions"
+SHUTTING_DOWN_ERROR = "agent shutting down"
 TIMEOUT_ERROR = "timeout exceeded"
 
 

@@ -180,7 +180,11 @@ class TaskProcess(ProcessProtocol):
 
     def cancel(self, error_message: str = "cancelled", grace: float = 0.0) -> None:
         """End the task: SIGTERM and SIGKILL after grace seconds, or SIGKILL now."""
-        if self.finished or self._forced:
+        if self.finished:
+            return
+        if self._forced:  # already ending gracefully: a cancel without grace cuts it short
+            if grace <= 0 and "kill" in self._timers:
+                self._kill_and_finish()
             return
         if grace > 0 and self._exit_status is None:
             self._forced = (Ending.CANCELLED, error_message)

@@ -12,10 +12,10 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from agent.engine import AlreadyKnown, Busy, Engine, Lane, Task
+from agent.engine import AlreadyKnown, Busy, Engine, Lane, ShuttingDown, Task
 from agent.linewriter import LineWriter
-from agent.messages import (BUSY_ERROR, BadRequest, TaskRequest, encode_error, encode_result,
-                            encode_result_pieces, parse_request)
+from agent.messages import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest, TaskRequest,
+                            encode_error, encode_result, encode_result_pieces, parse_request)
 from agent.outcome import Outcome
 from agent.process import StdoutCollector
 from agent.replay import recorded_outcome, spooled_stdout, used_for_another_command
@@ -89,6 +89,9 @@ class TaskLineProtocol(LineReceiver):
                                        held=True, output_limit=self._max_output)
         except Busy:
             self._send(encode_error(BUSY_ERROR, list(request.command), request.id))
+            return
+        except ShuttingDown:
+            self._send(encode_error(SHUTTING_DOWN_ERROR, list(request.command), request.id))
             return
         except AlreadyKnown as known:
             self._answer_known(request, known)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -13,7 +15,7 @@ from twisted.python import usage
 from agent.engine import Engine, Lane
 from agent.fdlimit import raise_open_file_limit
 from agent.process import CLEANUP_DEADLINE
-from agent.messages import TIMEOUT_UNITS
+from agent.messages import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
 from agent.protocol import TaskLineFactory, _describe
 from agent.retention import Policy, Retention, parse_size
 from agent.store import Store
@@ -104,11 +106,14 @@ class AgentService(MultiService):
     """The whole agent: its doors (child services), the engine they share, and its history."""
 
     def __init__(self, engine: Engine, reactor, store: Store | None = None,
-                 shutdown_grace: float = 0.0):
+                 shutdown_grace: float = 0.0, handle_signals: bool = False):
+        """handle_signals: the agent's own process (twistd), where a second
+        SIGTERM/SIGINT while stopping should cut the grace short."""
         super().__init__()
         self.engine = engine
         self.store = store
         self.shutdown_grace = shutdown_grace
+        self.handle_signals = handle_signals
         self._reactor = reactor
 
     def privilegedStartService(self):
@@ -124,28 +129,50 @@ class AgentService(MultiService):
 
     def stopService(self):
         stopped = super().stopService()  # the doors stop listening first
+        self._hurry_on_a_second_signal()
         ended = self._end_every_task()
         if self.store is not None:  # after the tasks, so their records reach the disk too
             ended.addCallback(lambda _: self.store.close())
         stopped = gatherResults([stopped, ended], consumeErrors=True)
-        # Stock twistd re-raises SIGTERM/SIGINT once the reactor stops, so the
-        # exit status says "killed by a signal". The agent shut down cleanly: exit 0.
+        stopped.addBoth(self._exit_cleanly)
+        return stopped
+
+    def _exit_cleanly(self, result):
+        """Stock twistd re-raises SIGTERM/SIGINT once the reactor stops, so the
+        exit status says "killed by a signal". The agent shut down cleanly: exit 0."""
         if getattr(self._reactor, "_exitSignal", None) is not None:
             self._reactor._exitSignal = None
-        return stopped
+        return result
+
+    def _hurry_on_a_second_signal(self):
+        """A second SIGTERM or SIGINT (Ctrl-C again) while tasks have their grace:
+        SIGKILL them now. Twisted would try to stop the stopping reactor again."""
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set signal handlers
+
+        def hurry(number, frame):
+            self._reactor.callFromThread(self._kill_now, number)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(number) not in (signal.SIG_IGN, None):
+                signal.signal(number, hurry)
+
+    def _kill_now(self, number: int):
+        if self.engine.live:
+            log.warn("{signal} again while stopping: killing {n} task(s) now",
+                     signal=signal.Signals(number).name, n=len(self.engine.live))
+        self.engine.cancel_all(SHUTTING_DOWN_ERROR, grace=0)
 
     def _end_every_task(self):
         """SIGTERM every running task's group (SIGKILL after shutdown_grace), drop
         queued ones, and fire once each group is verified empty, so the history
         holds how each one ended and whether its cleanup completed."""
         tasks = list(self.engine.live.values())
-        if not tasks:
-            return DeferredList([])
-        running = sum(task.runner is not None for task in tasks)
-        log.info("stopping: {running} running task(s) get SIGTERM, SIGKILL after {grace} s; "
-                 "{queued} queued task(s) dropped", running=running, grace=self.shutdown_grace,
-                 queued=len(tasks) - running)
-        self.engine.cancel_all("agent shutting down", grace=self.shutdown_grace)
+        if tasks:
+            running = sum(task.runner is not None for task in tasks)
+            log.info("stopping: {running} running task(s) get SIGTERM, SIGKILL after {grace} s; "
+                     "{queued} queued task(s) dropped", running=running,
+                     grace=self.shutdown_grace, queued=len(tasks) - running)
+        self.engine.cancel_all(SHUTTING_DOWN_ERROR, grace=self.shutdown_grace)  # and start none
         cleaned = DeferredList([task.cleaned() for task in tasks], consumeErrors=True)
         cleaned.addTimeout(self.shutdown_grace + CLEANUP_DEADLINE + 1.0, self._reactor)
         cleaned.addCallback(_report_unverified)
@@ -195,7 +222,7 @@ def makeService(options: Options, reactor=None) -> AgentService:
     engine.cleanup_observers.append(store.observe_cleanup)
     engine.history_lookup = store.task_for_key
     engine.output_taps.append(store.tap)
-    agent = AgentService(engine, reactor, store, options["shutdown-grace"])
+    agent = AgentService(engine, reactor, store, options["shutdown-grace"], handle_signals=True)
     Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
         .setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",

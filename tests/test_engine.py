@@ -4,7 +4,7 @@ from __future__ import annotations
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.engine import AlreadyKnown, Busy, Lane
+from agent.engine import AlreadyKnown, Busy, Lane, ShuttingDown
 from agent.messages import TaskRequest
 from agent.outcome import Ending
 from agent.process import StdoutCollector
@@ -92,6 +92,16 @@ class EngineTests(SynchronousTestCase):
 
     def test_log_tasks_none_logs_no_task(self):
         self.assertEqual(self._logged_tasks("none"), [])
+
+    def test_once_shutting_down_nothing_new_starts_but_known_ids_are_answered(self):
+        lane = Lane(0)
+        running = self.engine.submit(TaskRequest(("a",), None, "known"), lane, StdoutCollector())
+        self.engine.cancel_all("agent shutting down", grace=5)
+        self.assertRaises(ShuttingDown, self.submit, lane, "new")
+        with self.assertRaises(AlreadyKnown) as known:
+            self.engine.submit(TaskRequest(("a",), None, "known"), lane, StdoutCollector())
+        self.assertIs(known.exception.task, running)
+        self.assertEqual(len(self.spawn.spawned), 1)
 
     def test_unlimited_lane_never_waits(self):
         lane = Lane(0)

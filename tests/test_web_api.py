@@ -208,6 +208,16 @@ async def test_over_max_running_is_429_and_starts_nothing(make_api):
 
 
 @pytest_twisted.ensureDeferred
+async def test_once_the_agent_is_stopping_new_tasks_are_503(api):
+    api.engine.cancel_all("agent shutting down", grace=5)
+    for path in ("/tasks", "/run"):
+        refused = await api.request("POST", path, {"command": "touch", "args": ["/tmp/never"]})
+        assert refused.code == 503 and "shutting down" in (await refused.json())["error"]
+        assert refused.headers.getRawHeaders("Retry-After") == ["5"]
+    assert api.engine.live == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_output_past_max_log_bytes_keeps_the_newest_and_reports_the_drop(make_api):
     api = make_api(max_log_bytes=4096)
     record = await api.start(PY, "-c", "import sys\nfor i in range(2000): print('%05d' % i)")

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
-from agent.engine import AlreadyKnown, Busy, Engine, Lane, Task
+from agent.engine import AlreadyKnown, Busy, Engine, Lane, ShuttingDown, Task
 from agent.replay import used_for_another_command
 from agent.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
 from agent.web.body import TaskSpec, parse_task, read_json
@@ -161,6 +161,8 @@ class TaskEndpoints:
         except Busy:
             raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
                                "(--max-running); wait for one to end or cancel one") from None
+        except ShuttingDown:
+            raise Unavailable("the agent is shutting down; no task is started") from None
         log.info("task {id} started over HTTP: {argv0}", id=task.id, argv0=spec.request.command[0])
         return task
 

@@ -197,9 +197,15 @@ def test_stopping_gives_tasks_a_sigterm_and_the_grace_then_sigkill(start_agent, 
     client.send({"command": ["sh", "-c", f"trap 'echo bye > {marker}; exit 0' TERM; "
                                          "sleep 60 & wait"], "id": "polite"},
                 {"command": ["sh", "-c", "trap '' TERM; sleep 60 & wait"], "id": "stubborn"})
+    late = agent.connect()  # open before the stop: connections outlive the listening port
     _wait_for_children(agent, 4)
     started = time.monotonic()
-    assert agent.stop(signal.SIGTERM) == 0
+    agent.proc.send_signal(signal.SIGTERM)
+    agent.wait_for_log("stopping: 2 running task(s)")
+    late.send({"command": ["sleep", "60"], "id": "late"})  # during the grace: started never
+    assert late.receive() == {"command": ["sleep", "60"], "exit_code": -1,
+                              "error": "agent shutting down", "id": "late"}
+    assert agent.proc.wait(15) == 0
     took = time.monotonic() - started
     assert not agent.survivors()
     assert marker.read_text() == "bye\n", "the task's SIGTERM handler did not run"
@@ -212,6 +218,23 @@ def test_stopping_gives_tasks_a_sigterm_and_the_grace_then_sigkill(start_agent, 
             "SELECT request_id, state, error, cleanup FROM tasks")}
     assert rows == {"polite": ("cancelled", "agent shutting down", "complete"),
                     "stubborn": ("cancelled", "agent shutting down", "complete")}
+
+
+def test_a_second_sigterm_while_stopping_kills_the_tasks_at_once(start_agent):
+    agent = start_agent("--shutdown-grace", "60")
+    client = agent.connect()
+    client.send({"command": ["sh", "-c", "trap '' TERM; sleep 60 & wait"], "id": "stubborn"})
+    _wait_for_children(agent, 2)
+    started = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    agent.wait_for_log("stopping: 1 running task(s) get SIGTERM, SIGKILL after 60.0 s")
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+    assert time.monotonic() - started < 10, "the second SIGTERM did not cut the grace short"
+    assert not agent.survivors()
+    assert "SIGTERM again while stopping: killing 1 task(s) now" in agent.log
+    assert "Traceback" not in agent.log
+    assert client.receive()["error"] == "agent shutting down"
 
 
 def _soft_nofile(pid: int) -> int:
