@@ -14,8 +14,8 @@ from twisted.python import usage
 
 from agent.engine import Engine, Lane
 from agent.fdlimit import raise_open_file_limit
-from agent.process import CLEANUP_DEADLINE
 from agent.messages import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
+from agent.process import CLEANUP_DEADLINE
 from agent.protocol import TaskLineFactory, _describe
 from agent.retention import Policy, Retention, parse_size
 from agent.store import Store

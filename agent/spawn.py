@@ -27,9 +27,9 @@ except ImportError:  # pragma: no cover - not POSIX
     resource = None
 
 from twisted.internet import fdesc, process
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 from agent import fdlimit
-from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 READ_CHUNK = 1 << 20
 """Bytes taken from a pipe per read; Twisted's stock reader takes 8 KiB."""

@@ -289,10 +289,15 @@ async def test_output_no_record_points_to_is_removed_at_start(tmp_path):
     for name in ("a" * 32, "b" * 32, "not-a-task"):
         (data / "output" / name).mkdir(parents=True)
         (data / "output" / name / "1").write_bytes(b"x" * 100)
-    store = Store(data, reactor).open()
+    store = Store(data, reactor).open()  # after a run that did not stop cleanly
     store.start()
     await store.close()
     assert sorted(p.name for p in (data / "output").iterdir()) == ["a" * 32, "not-a-task"]
+    (data / "output" / ("c" * 32)).mkdir()
+    store = Store(data, reactor).open()  # after a clean stop: no sweep, nothing to find
+    store.start()
+    await store.close()
+    assert ("c" * 32) in {p.name for p in (data / "output").iterdir()}
 
 
 def _sleeper_group():
