@@ -259,6 +259,11 @@ class _SerialDatabase:
         with self._lock:
             return list(self._pending.values())
 
+    @property
+    def waiting(self) -> int:
+        """How many rows wait to be written, without copying them."""
+        return len(self._pending)
+
     def run(self, query, *args) -> Deferred:
         """query(connection, *args) on the store thread, after every write made before
         (or after trying them, while writing fails)."""
@@ -560,7 +565,7 @@ class Store:
         trouble = database.trouble if database is not None else None
         return {"writable": trouble is None, "error": trouble and trouble[0],
                 "since": trouble and trouble[1],
-                "waiting": len(database.waiting_rows()) if trouble else 0,
+                "waiting": database.waiting if trouble else 0,
                 "dropped": database.dropped if database is not None else 0}
 
     def _newest(self, task_id: str, record: TaskRecord | None) -> TaskRecord | None:
