@@ -10,6 +10,9 @@ over 1023, and a task should not inherit what only the agent needed.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from twisted.logger import Logger
 
 try:
@@ -23,7 +26,12 @@ NR_OPEN_PATH = "/proc/sys/fs/nr_open"
 NR_OPEN_FALLBACK = 1 << 20
 """Linux refuses a limit above fs.nr_open, even when the hard limit is unlimited."""
 
+SPARE_DESCRIPTORS = 32
+"""Descriptors left free under the original limit while it is held for a spawn,
+for whatever the store's thread opens in those microseconds."""
+
 _original: tuple[int, int] | None = None
+_raised: tuple[int, int] | None = None
 
 
 def children_limit() -> tuple[int, int] | None:
@@ -33,7 +41,7 @@ def children_limit() -> tuple[int, int] | None:
 
 def raise_open_file_limit(nr_open_path: str = NR_OPEN_PATH) -> tuple[int, int] | None:
     """Raise the soft limit to the hard one (capped at fs.nr_open); (old, new) if raised."""
-    global _original
+    global _original, _raised
     if resource is None:
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -45,17 +53,46 @@ def raise_open_file_limit(nr_open_path: str = NR_OPEN_PATH) -> tuple[int, int] |
             log.warn("could not raise the open-file limit from {soft} to {target}: {error}",
                      soft=soft, target=target, error=e)
             return None
-        _original = (soft, hard)
+        _original, _raised = (soft, hard), (target, hard)
         log.info("open-file limit raised from {soft} to {target} (tasks still get {soft})",
                  soft=soft, target=target)
         return soft, target
     return None
 
 
+@contextmanager
+def original_limit_held(highest_fd: int) -> Iterator[bool]:
+    """Hold the agent's soft limit at the original around a posix_spawn, so the
+    child inherits it before exec; yields whether the child will have it.
+
+    posix_spawn cannot set a limit in the child, and setting it from outside
+    afterwards races the program, which may read its limit or fork first (it
+    did, on a busy two-core machine). Holding the agent's own limit down for
+    the spawn is exact, but safe only while every descriptor the spawn maps
+    fits under the original with room to spare: otherwise this yields False
+    and the caller sets the child's limit from outside, at once.
+    """
+    if _original is None:
+        yield True
+        return
+    if highest_fd + SPARE_DESCRIPTORS >= _original[0]:
+        yield False
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, _original)
+    except (ValueError, OSError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, _raised)
+
+
 def forget_raise() -> None:
     """Children keep the agent's own limit again (for tests)."""
-    global _original
-    _original = None
+    global _original, _raised
+    _original = _raised = None
 
 
 def _finite(limit: int) -> int:

@@ -118,16 +118,18 @@ class GroupProcess(process.Process):
         fdmap = kwargs["fdmap"]
         if any(parent_fd < 3 for parent_fd in fdmap.values()):
             return False  # the simple dup2 plan below would clobber a source fd
-        self.pid = os.posix_spawnp(
-            executable,
-            args,
-            environment,
-            file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()],
-            setsigdef=_ignored_signals(),
-            setpgroup=0,
-        )
+        with fdlimit.original_limit_held(max(fdmap.values(), default=2)) as inherited:
+            self.pid = os.posix_spawnp(
+                executable,
+                args,
+                environment,
+                file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()],
+                setsigdef=_ignored_signals(),
+                setpgroup=0,
+            )
         self.status = -1
-        _give_back_open_file_limit(self.pid)
+        if not inherited:
+            _give_back_open_file_limit(self.pid)
         return True
 
     def _fork(self, path, uid, gid, executable, args, environment, **kwargs):
@@ -168,8 +170,9 @@ class GroupProcess(process.Process):
 
 
 def _give_back_open_file_limit(pid: int) -> None:
-    """posix_spawn cannot set a limit in the child, so set it from outside, at once:
-    the program has only just started."""
+    """Set the child's open-file limit from outside, at once, when the agent holds
+    too many descriptors to lower its own around the spawn: the program has only
+    just started, but it may have read its limit (or forked) already."""
     original = fdlimit.children_limit()
     if original is not None:
         try:

@@ -60,3 +60,39 @@ def test_a_refused_raise_is_logged_and_changes_nothing(limits):
     assert fdlimit.raise_open_file_limit(nr_open) is None
     assert fake.limits == (1024, 4096)
     assert fdlimit.children_limit() is None
+
+
+def test_a_spawn_with_few_descriptors_open_holds_the_original_limit_only_while_it_runs(limits):
+    fake, nr_open = limits(1024, 524288)
+    fdlimit.raise_open_file_limit(nr_open)
+    with fdlimit.original_limit_held(highest_fd=40) as inherited:
+        assert inherited
+        assert fake.limits == (1024, 524288)  # what posix_spawn copies into the child
+    assert fake.limits == (524288, 524288)
+
+
+def test_the_limit_is_given_back_even_when_the_spawn_fails(limits):
+    fake, nr_open = limits(1024, 524288)
+    fdlimit.raise_open_file_limit(nr_open)
+    with pytest.raises(FileNotFoundError):
+        with fdlimit.original_limit_held(highest_fd=40):
+            raise FileNotFoundError("no-such-program")
+    assert fake.limits == (524288, 524288)
+
+
+def test_a_spawn_near_the_original_limit_leaves_the_agents_alone(limits):
+    """Lowering it then would refuse the spawn's own descriptors (and the store
+    thread's next open), so the caller must set the child's limit from outside."""
+    fake, nr_open = limits(1024, 524288)
+    fdlimit.raise_open_file_limit(nr_open)
+    with fdlimit.original_limit_held(highest_fd=1024 - fdlimit.SPARE_DESCRIPTORS) as inherited:
+        assert not inherited
+        assert fake.limits == (524288, 524288)
+
+
+def test_without_a_raise_the_child_inherits_the_agents_own_limit(limits):
+    fake, nr_open = limits(524288, 524288)
+    fdlimit.raise_open_file_limit(nr_open)
+    with fdlimit.original_limit_held(highest_fd=100000) as inherited:
+        assert inherited
+        assert fake.limits == (524288, 524288)

@@ -27,12 +27,12 @@ class AgentProcess:
     """One agent process; its own session, so a test can prove nothing outlived it."""
 
     def __init__(self, args, cwd, doors=("TCP task protocol",), startup_timeout=15.0,
-                 nofile: int | None = None):
+                 nofile: int | None = None, one_cpu: bool = False):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "agent", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=functools.partial(_as_from_a_shell, nofile))
+            preexec_fn=functools.partial(_as_from_a_shell, nofile, one_cpu))
         self.log_lines: list[str] = []
         self.ports: dict[str, int] = {}
         self._changed = threading.Condition()
@@ -100,10 +100,14 @@ class AgentProcess:
         return wait_until_empty(session_members, self.proc.pid, timeout)
 
 
-def _as_from_a_shell(nofile: int | None):
+def _as_from_a_shell(nofile: int | None, one_cpu: bool = False):
     """As from a terminal: a background CI job would hand the agent SIGINT ignored.
-    nofile: the soft open-file limit the agent starts with (as `ulimit -Sn`)."""
+    nofile: the soft open-file limit the agent starts with (as `ulimit -Sn`).
+    one_cpu: pin the agent (and so its tasks) to one CPU, as on a busy machine,
+    where a child runs before the agent gets the CPU back."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if one_cpu:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if nofile is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE,
                            (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -143,9 +147,9 @@ def start_agent(tmp_path):
     """start_agent(*args) -> AgentProcess; each is stopped and checked for survivors."""
     agents: list[AgentProcess] = []
 
-    def start(*args, cwd=None, doors=("TCP task protocol",), nofile=None):
+    def start(*args, cwd=None, doors=("TCP task protocol",), nofile=None, one_cpu=False):
         agent = AgentProcess(["--listen", "tcp:0:interface=127.0.0.1", *args],
-                             cwd or tmp_path, doors, nofile=nofile)
+                             cwd or tmp_path, doors, nofile=nofile, one_cpu=one_cpu)
         agents.append(agent)
         return agent
 
