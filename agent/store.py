@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from agent import procinfo, retention
+from agent.keyindex import KeyIndex
 from agent.outcome import Ending
 from agent.spool import StreamReader, TaskOutput, size_on_disk
 
@@ -424,9 +425,7 @@ class Store:
         self._output_root = str(self._data_dir / "output")
         self._max_log_bytes = max_log_bytes
         self._live: dict[str, _Live] = {}
-        self._keys: dict[str, str] = {}
-        self._key_of: dict[str, str] = {}
-        """The reverse of _keys, so forgetting pruned tasks costs one lookup each."""
+        self._keys = KeyIndex()
         """Idempotency key (a request's id) -> the task submitted with it, for every
         task in the history: the engine asks synchronously, so a retry racing its
         first attempt still finds it."""
@@ -450,10 +449,9 @@ class Store:
         self.recovered = _recover(connection, self._data_dir, self._reactor.seconds())
         if not _take_clean_stop_mark(self._data_dir):  # the last run was killed
             _sweep_orphan_output(connection, self._data_dir / "output")
-        for key, task_id in connection.execute(
-                "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL "
-                "AND request_id != '' ORDER BY seq"):
-            self._remember_key(key, task_id)
+        self._keys.load(connection.execute(
+            "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL "
+            "AND request_id != '' ORDER BY seq"))
         retention.prepare(connection)
         self._database = _SerialDatabase(connection, self._reactor)
         return self
@@ -503,18 +501,11 @@ class Store:
 
     def task_for_key(self, key: str) -> str | None:
         """The id of the task submitted with this idempotency key, if any."""
-        return self._keys.get(key)
+        return self._keys.task_for(key)
 
     def _forgotten(self, task_ids) -> None:
         """Tasks removed from the history (pruned or purged): their keys may be used again."""
-        for task_id in task_ids:
-            key = self._key_of.pop(task_id, None)
-            if key is not None and self._keys.get(key) == task_id:
-                del self._keys[key]
-
-    def _remember_key(self, key: str, task_id: str) -> None:
-        self._keys[key] = task_id
-        self._key_of[task_id] = key
+        self._keys.forget(task_ids)
 
     def tap(self, task) -> TaskOutput:
         """Engine output tap: the spool the task's output goes to."""
@@ -524,7 +515,7 @@ class Store:
         live = self._live.get(task.id)
         if live is None:
             if task.request.id:
-                self._remember_key(task.request.id, task.id)
+                self._keys.remember(task.request.id, task.id)
             live = self._live[task.id] = _Live(
                 self._reactor.seconds(), json.dumps(list(task.request.command)),
                 TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes
