@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# PYTHONMALLOC=malloc: the agent can give a burst's memory back (agent/memory.py).
 run: install
-	$(BIN)/twistd -n agent --http tcp:8080:interface=127.0.0.1
+	PYTHONMALLOC=malloc $(BIN)/twistd -n agent --http tcp:8080:interface=127.0.0.1
 
 test: install
 	$(BIN)/python -m pytest -q

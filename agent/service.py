@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from agent.engine import Engine, Lane
 from agent.fdlimit import raise_open_file_limit
+from agent.memory import BurstRelease
 from agent.messages import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
 from agent.process import CLEANUP_DEADLINE
 from agent.protocol import TaskLineFactory, _describe
@@ -223,6 +224,9 @@ def makeService(options: Options, reactor=None) -> AgentService:
     engine.history_lookup = store.task_for_key
     engine.output_taps.append(store.tap)
     agent = AgentService(engine, reactor, store, options["shutdown-grace"], handle_signals=True)
+    release = BurstRelease(reactor, lambda: len(engine.live))
+    engine.observers.append(release.observe)
+    release.setServiceParent(agent)
     Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
         .setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",

@@ -27,8 +27,8 @@ class AgentProcess:
     """One agent process; its own session, so a test can prove nothing outlived it."""
 
     def __init__(self, args, cwd, doors=("TCP task protocol",), startup_timeout=15.0,
-                 nofile: int | None = None, one_cpu: bool = False):
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+                 nofile: int | None = None, one_cpu: bool = False, env=None):
+        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         self.proc = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "agent", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -63,9 +63,10 @@ class AgentProcess:
                     raise AssertionError(f"{message}:\n" + self.log)
                 self._changed.wait(min(left, 0.1))
 
-    def wait_for_log(self, text: str, timeout: float = 10.0):
-        self._wait_for(lambda: any(text in line for line in self.log_lines), timeout,
-                       f"log never said {text!r}")
+    def wait_for_log(self, text: str, timeout: float = 10.0, count: int = 1):
+        """Until `count` lines of the log contain text."""
+        self._wait_for(lambda: sum(text in line for line in self.log_lines) >= count, timeout,
+                       f"log never said {text!r} {count} time(s)")
 
     @property
     def log(self) -> str:
@@ -147,9 +148,10 @@ def start_agent(tmp_path):
     """start_agent(*args) -> AgentProcess; each is stopped and checked for survivors."""
     agents: list[AgentProcess] = []
 
-    def start(*args, cwd=None, doors=("TCP task protocol",), nofile=None, one_cpu=False):
+    def start(*args, cwd=None, doors=("TCP task protocol",), nofile=None, one_cpu=False,
+              env=None):
         agent = AgentProcess(["--listen", "tcp:0:interface=127.0.0.1", *args],
-                             cwd or tmp_path, doors, nofile=nofile, one_cpu=one_cpu)
+                             cwd or tmp_path, doors, nofile=nofile, one_cpu=one_cpu, env=env)
         agents.append(agent)
         return agent
 
