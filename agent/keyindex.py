@@ -6,7 +6,8 @@ peak after a burst: each key and task id is allocated among the burst's
 short-lived objects, and one survivor pins a pymalloc pool (and its arena)
 that would otherwise go back to the system. Held by an in-memory SQLite
 database instead, the index lives in SQLite's own pages, compact and apart,
-and the burst's memory is returned once the burst ends (tests/e2e/test_load.py).
+so the burst's memory can be given back once it ends (agent/memory.py,
+tests/e2e/test_load.py).
 """
 from __future__ import annotations
 
@@ -50,6 +51,3 @@ class KeyIndex:
 
     def __len__(self) -> int:
         return self._db.execute("SELECT count(*) FROM keys").fetchone()[0]
-
-    def close(self) -> None:
-        self._db.close()
