@@ -19,6 +19,7 @@ class ProcStat:
     session: int
     start_time: int
     zombie: bool
+    ppid: int = 0
 
 
 def proc_stat(pid: int) -> ProcStat | None:
@@ -34,7 +35,8 @@ def proc_stat(pid: int) -> ProcStat | None:
         os.close(fd)
     # the command name (field 2) may hold spaces and parentheses: split after its last ")"
     fields = raw[raw.rindex(b")") + 2:].split()
-    return ProcStat(pid, int(fields[2]), int(fields[3]), int(fields[19]), fields[0] == b"Z")
+    return ProcStat(pid, int(fields[2]), int(fields[3]), int(fields[19]), fields[0] == b"Z",
+                    ppid=int(fields[1]))
 
 
 def all_processes() -> list[ProcStat]:

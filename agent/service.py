@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from agent.engine import Engine, Lane
+from agent.escapees import EscapeeReaper
 from agent.fdlimit import raise_open_file_limit
 from agent.memory import BurstRelease
 from agent.messages import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
@@ -107,12 +108,15 @@ class AgentService(MultiService):
     """The whole agent: its doors (child services), the engine they share, and its history."""
 
     def __init__(self, engine: Engine, reactor, store: Store | None = None,
-                 shutdown_grace: float = 0.0, handle_signals: bool = False):
+                 shutdown_grace: float = 0.0, handle_signals: bool = False,
+                 escapees: EscapeeReaper | None = None):
         """handle_signals: the agent's own process (twistd), where a second
-        SIGTERM/SIGINT while stopping should cut the grace short."""
+        SIGTERM/SIGINT while stopping should cut the grace short. escapees:
+        kills what left a task's group, last when stopping (after the tasks)."""
         super().__init__()
         self.engine = engine
         self.store = store
+        self.escapees = escapees
         self.shutdown_grace = shutdown_grace
         self.handle_signals = handle_signals
         self._reactor = reactor
@@ -126,12 +130,16 @@ class AgentService(MultiService):
     def startService(self):
         if self.store is not None:
             self.store.start()
+        if self.escapees is not None:
+            self.escapees.start()
         super().startService()
 
     def stopService(self):
         stopped = super().stopService()  # the doors stop listening first
         self._hurry_on_a_second_signal()
         ended = self._end_every_task()
+        if self.escapees is not None:
+            ended.addCallback(lambda _: self.escapees.stop())
         if self.store is not None:  # after the tasks, so their records reach the disk too
             ended.addCallback(lambda _: self.store.close())
         stopped = gatherResults([stopped, ended], consumeErrors=True)
@@ -223,7 +231,8 @@ def makeService(options: Options, reactor=None) -> AgentService:
     engine.cleanup_observers.append(store.observe_cleanup)
     engine.history_lookup = store.task_for_key
     engine.output_taps.append(store.tap)
-    agent = AgentService(engine, reactor, store, options["shutdown-grace"], handle_signals=True)
+    agent = AgentService(engine, reactor, store, options["shutdown-grace"], handle_signals=True,
+                         escapees=EscapeeReaper(reactor, engine.live.keys))
     release = BurstRelease(reactor, lambda: len(engine.live))
     engine.observers.append(release.observe)
     release.setServiceParent(agent)
