@@ -66,11 +66,14 @@ def test_a_daemon_is_left_alone_while_its_task_runs(start_agent, tmp_path):
     pid_file = tmp_path / "daemon.pid"
     starter = tmp_path / "start-daemon.sh"  # exits at once, leaving the daemon an orphan
     starter.write_text(_escape(pid_file) + "\n")
-    client.send({"command": ["sh", "-c", f"sh {starter}; sleep 3; echo done"]})
+    release = tmp_path / "release"  # the task runs until the test has looked
+    client.send({"command": ["sh", "-c", f"sh {starter}; while [ ! -e {release} ]; do sleep 0.05; "
+                                         "done; echo done"]})
     daemon = _read_pid(pid_file)
-    time.sleep(2.0)  # two looks at the agent's children
+    time.sleep(2.5)  # at least two looks at the agent's children
     assert _alive(daemon), "killed while its task still ran"
     assert proc_stat(daemon).ppid == agent.proc.pid, "the agent adopted it (child subreaper)"
+    release.touch()
     assert client.receive()["output"] == "done\n"
     assert _gone_within(daemon, 10), "the daemon outlived its task"
 
