@@ -12,6 +12,7 @@ import signal
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 from twisted.internet import error
+from twisted.internet import process as twisted_process
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -80,7 +81,29 @@ def _killpg(pgid: int, sig: int) -> None:
         pass  # the group is already empty
 
 
+def _reap_leftovers(pgid: int) -> None:
+    """Reap the group's members that are the agent's zombie children but not its task.
+
+    The agent is a child subreaper (agent.escapees), so what a task leaves in
+    its group when its leader exits becomes the agent's child, and a zombie
+    still counts as a member of the group until its parent reaps it. The
+    leader itself is Twisted's to reap: on meeting it, stop.
+    """
+    while True:
+        try:
+            found = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return  # none of the group's members is the agent's child
+        if found is None or found.si_pid in twisted_process.reapProcessHandlers:
+            return
+        try:
+            os.waitpid(found.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+
+
 def _group_alive(pgid: int) -> bool:
+    _reap_leftovers(pgid)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

@@ -314,3 +314,44 @@ def test_a_shared_collector_gives_every_reader_all_chunks_and_the_last_frees_the
     assert b"".join(last) == b"abc"
     assert b"".join(first) == b"abc"
     assert collector.chunks == []
+
+
+def test_a_group_left_only_with_the_agents_zombies_is_empty_once_they_are_reaped():
+    """As a child subreaper the agent is the parent of what a task leaves in its
+    group; a zombie is still a member until reaped, so the check reaps it."""
+    from agent.process import _group_alive
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.setpgid(0, 0)
+        signal.pause()
+        os._exit(0)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass  # the child got there first
+    os.kill(pid, signal.SIGKILL)
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        os.sched_yield()  # until it is a zombie
+    assert os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    assert _group_alive(pid) is False
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped by the check
+
+
+def test_the_check_leaves_a_tasks_own_leader_to_twisted(monkeypatch):
+    from twisted.internet import process as twisted_process
+
+    from agent.process import _group_alive
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.setpgid(0, 0)
+        os._exit(3)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass
+    monkeypatch.setitem(twisted_process.reapProcessHandlers, pid, object())
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        os.sched_yield()
+    assert _group_alive(pid) is True, "the unreaped leader still counts"
+    assert os.waitpid(pid, 0)[1] >> 8 == 3, "its status was left for Twisted"
