@@ -113,6 +113,13 @@ class EscapeeReaper:
         self._loop: LoopingCall | None = None
 
     def start(self) -> None:
+        own = os.getpid() if self._own_pid is None else self._own_pid
+        if self._children is children_of and not os.path.exists(f"/proc/{own}/task/{own}/children"):
+            # a kernel without CONFIG_PROC_CHILDREN: adopted orphans could never be found
+            # and reaped, and their zombies would pile up in the agent; init reaps them better
+            log.warn("cannot list the agent's children (/proc/PID/task/TID/children): a process "
+                     "that leaves its task's process group (setsid) may outlive its task")
+            return
         if not self._subreaper(True):
             log.warn("cannot become a child subreaper: a process that leaves its task's "
                      "process group (setsid) may outlive its task")

@@ -134,3 +134,14 @@ def test_an_error_in_one_look_does_not_end_the_looking():
     world.reaper._children = broken
     world.look(2)
     assert len(calls) == 2
+
+
+def test_without_a_way_to_list_children_the_agent_does_not_adopt_any():
+    """Adopted orphans it could never find would end as zombies piling up in the agent."""
+    from agent import escapees
+    calls = []
+    reaper = EscapeeReaper(Clock(), dict().keys, own_pid=999999999,
+                           subreaper=lambda on: calls.append(on) or True)
+    assert reaper._children is escapees.children_of
+    reaper.start()
+    assert calls == []
