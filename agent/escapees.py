@@ -110,6 +110,9 @@ class EscapeeReaper:
         self._subreaper = subreaper
         self._first_seen: dict[int, tuple[int, frozenset[str]]] = {}
         """Escaped pid -> (its start time, the tasks live when the agent first saw it)."""
+        self._killed: set[tuple[int, int]] = set()
+        """(pid, start time) of escapees already killed and logged: one that takes
+        a while to die (or may not be killed) is signalled again, not logged again."""
         self._loop: LoopingCall | None = None
 
     def start(self) -> None:
@@ -165,10 +168,14 @@ class EscapeeReaper:
                 self._kill_tree(stat, stopping)
         for gone in self._first_seen.keys() - present:
             del self._first_seen[gone]
+        self._killed = {key for key in self._killed if key[0] in present}
 
     def _kill_tree(self, stat: procinfo.ProcStat, stopping: bool) -> None:
         below = self._descendants(stat.pid)
         refused = [pid for pid in (stat.pid, *below) if not self._kill(pid)]
+        if (stat.pid, stat.start_time) in self._killed:
+            return
+        self._killed.add((stat.pid, stat.start_time))
         log.warn("process {pid} left its task's process group{when}: killed it{more}{refused}",
                  pid=stat.pid,
                  when=" (the agent is stopping)" if stopping else " and outlived its task",

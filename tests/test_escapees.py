@@ -98,14 +98,18 @@ def test_stopping_kills_every_escapee_at_once_and_gives_up_being_a_subreaper():
     assert world.clock.getDelayedCalls() == []
 
 
-def test_a_process_it_may_not_kill_is_logged_and_the_looking_goes_on():
+def test_a_process_it_may_not_kill_is_logged_once_and_the_looking_goes_on(monkeypatch):
+    from agent import escapees
+    logged = []
+    monkeypatch.setattr(escapees.log, "warn", lambda *a, **kw: logged.append(kw))
     world = World()
     world.reaper.start()
     world.child(200)
     world.refuse.add(200)
     world.live_tasks.clear()
-    world.look(2)
-    assert world.killed == [200]
+    world.look(5)
+    assert world.killed == [200, 200, 200, 200], "signalled again at each look"
+    assert len(logged) == 1 and "200" in logged[0]["refused"]
     world.child(300, zombie=True)
     world.look()
     assert world.reaped == [300]
