@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import re
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from typing import Any, Iterable, Iterator
@@ -42,6 +43,23 @@ class BadRequest(ValueError):
         self.message = message
         self.command = command
         self.id = id
+
+
+_HTTP_REQUEST_LINE = re.compile(
+    rb"^(?:[A-Z]{3,16} +\S+ +HTTP/\d|(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) )")
+_HTTP_HEADER = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
+
+
+def looks_like_http(line: bytes) -> bool:
+    """True for an HTTP request line or header line: never a task request.
+
+    A web page can make a browser POST to the TCP door (an HTML form with
+    enctype="text/plain" needs no script and no CORS preflight) and smuggle a
+    JSON request in the body; such a connection must end at its first line.
+    No line of valid JSON can match: JSON never starts with a token and a colon.
+    """
+    line = line.lstrip(b" \t")
+    return bool(_HTTP_REQUEST_LINE.match(line) or _HTTP_HEADER.match(line))
 
 
 def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:

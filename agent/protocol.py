@@ -15,7 +15,8 @@ from zope.interface import implementer
 from agent.engine import AlreadyKnown, Busy, Engine, Lane, ShuttingDown, Task
 from agent.linewriter import LineWriter
 from agent.messages import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest, TaskRequest,
-                            encode_error, encode_result, encode_result_pieces, parse_request)
+                            encode_error, encode_result, encode_result_pieces, looks_like_http,
+                            parse_request)
 from agent.outcome import Outcome
 from agent.process import StdoutCollector
 from agent.replay import recorded_outcome, spooled_stdout, used_for_another_command
@@ -55,7 +56,7 @@ class TaskLineProtocol(LineReceiver):
     # -- bytes to lines, surviving over-long lines
 
     def dataReceived(self, data: bytes):
-        while data:
+        while data and not self._gone:
             if self._skipping_long_line:
                 end = data.find(self.delimiter)
                 if end < 0:
@@ -79,6 +80,9 @@ class TaskLineProtocol(LineReceiver):
     def lineReceived(self, line: bytes):
         if not line.strip():
             return
+        if looks_like_http(line):
+            self._refuse_http()
+            return
         try:
             request = parse_request(line.rstrip(b"\r"), self._timeout_unit)
         except BadRequest as e:
@@ -97,6 +101,14 @@ class TaskLineProtocol(LineReceiver):
             self._answer_known(request, known)
             return
         self._wait_for(task)
+
+    def _refuse_http(self) -> None:
+        """Close at once, answering nothing and starting nothing that follows (see looks_like_http)."""
+        log.warn("security: {peer} sent an HTTP request to the TCP task door (a web page "
+                 "trying to run commands, or a client pointed at the wrong port); connection "
+                 "closed", peer=_describe(self.transport.getPeer()))
+        self._gone = True
+        self.transport.loseConnection()
 
     def connectionMade(self):
         self._lines = LineWriter(self.transport)

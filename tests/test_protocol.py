@@ -123,3 +123,66 @@ class DoorTests(SynchronousTestCase):
         self.proto.connectionLost(Failure(error.ConnectionLost()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.lane.running, 0)
+
+
+FORM_POST = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nContent-Type: text/plain\r\n"
+             b"Origin: http://evil.example\r\nContent-Length: 60\r\n\r\n"
+             b'{"command": ["touch", "/tmp/pwned"], "x": "="}\r\n')
+"""What a browser sends for <form enctype="text/plain" method="post" action="http://127.0.0.1:3000/">
+whose one field's name and value make the body line a task request."""
+
+
+class CrossProtocolTests(SynchronousTestCase):
+    """A web page must not be able to run commands through the TCP door."""
+
+    def setUp(self):
+        host = FakeHost()
+        self.spawn, self.engine = host.spawn, host.engine
+        self.factory = TaskLineFactory(self.engine, Lane(0), "s", max_line=1 << 16, clock=host.clock)
+
+    def connect(self):
+        proto, transport = self.factory.buildProtocol(None), StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_a_browser_form_post_closes_the_connection_and_runs_nothing(self):
+        proto, transport = self.connect()
+        proto.dataReceived(FORM_POST)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.spawn.spawned, [])
+        self.assertEqual(transport.value(), b"", "no answer that a page could read")
+
+    def test_the_body_is_ignored_even_when_it_arrives_later(self):
+        proto, transport = self.connect()
+        head, body = FORM_POST.split(b"\r\n\r\n", 1)
+        for byte in head + b"\r\n\r\n":
+            proto.dataReceived(bytes([byte]))
+        proto.dataReceived(body)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.spawn.spawned, [])
+
+    def test_each_kind_of_http_line_closes_the_connection(self):
+        for line in (b"GET / HTTP/1.1", b"GET /", b"PRI * HTTP/2.0", b"OPTIONS * HTTP/1.0",
+                     b"Host: 127.0.0.1", b"content-type: text/plain", b"X-Custom-Thing:1",
+                     b"  Host: indented"):
+            proto, transport = self.connect()
+            proto.dataReceived(line + b"\r\n" + b'{"command": ["true"]}\n')
+            self.assertTrue(transport.disconnecting, line)
+        self.assertEqual(self.spawn.spawned, [])
+
+    def test_the_refusal_is_logged_as_a_security_warning_naming_the_peer(self):
+        from twisted.logger import globalLogPublisher
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\n")
+        [event] = [e for e in seen if "security" in e.get("log_format", "")]
+        self.assertEqual(event["log_level"].name, "warn")
+        self.assertIn("192.168.1.1", event["peer"])  # StringTransport's made-up peer
+
+    def test_json_lines_and_garbage_are_not_taken_for_http(self):
+        from agent.messages import looks_like_http
+        for line in (b'{"command": ["GET", "/", "HTTP/1.1"]}', b'["Host:"]', b'"a:b"', b"123",
+                     b"null", b"hello world", b"get / http/1.1", b""):
+            self.assertFalse(looks_like_http(line), line)

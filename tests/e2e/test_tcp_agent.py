@@ -400,3 +400,21 @@ def test_the_example_systemd_unit_starts_an_agent_with_valid_options():
     options.parseOptions(argv[4:])
     assert settings["KillMode"] == "mixed"
     assert float(settings["TimeoutStopSec"]) > options["shutdown-grace"] + CLEANUP_DEADLINE
+
+
+def test_a_browser_form_post_to_the_tcp_door_runs_nothing(start_agent, tmp_path):
+    """The cross-protocol attack: a page's <form enctype="text/plain"> POSTs to the TCP door
+    and its body line is a task request. The agent closes at the request line."""
+    agent = start_agent()
+    marker = tmp_path / "pwned"
+    body = json.dumps({"command": ["touch", str(marker)], "x": "="}).encode() + b"\r\n"
+    request = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (agent.tcp_port, len(body), body))
+    with socket.create_connection(("127.0.0.1", agent.tcp_port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096) == b"", "the agent answers nothing and closes"
+    agent.wait_for_log("security:")
+    client = agent.connect()
+    client.send({"command": ["true"], "id": "after"})
+    assert client.receive()["exit_code"] == 0, "the door still serves real clients"
+    assert not marker.exists()
