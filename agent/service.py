@@ -12,15 +12,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from agent.engine import Engine, Lane
-from agent.escapees import EscapeeReaper
-from agent.fdlimit import raise_open_file_limit
+from agent.core.engine import Engine, Lane
+from agent.runner.escapees import EscapeeReaper
+from agent.runner.fdlimit import raise_open_file_limit
 from agent.memory import BurstRelease
-from agent.messages import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
-from agent.process import CLEANUP_DEADLINE
-from agent.protocol import TaskLineFactory, _describe
-from agent.retention import Policy, Retention, parse_size
-from agent.store import Store
+from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
+from agent.runner.process import CLEANUP_DEADLINE
+from agent.doors.tcp.protocol import TaskLineFactory, _describe
+from agent.history.retention import Policy, Retention, parse_size
+from agent.history.store import Store
 
 log = Logger()
 
@@ -251,8 +251,8 @@ def makeService(options: Options, reactor=None) -> AgentService:
 
 
 def _http_door(options: Options, reactor, engine: Engine, store: Store):
-    from agent.web.api import make_site
-    from agent.web.auth import load_or_create_token
+    from agent.doors.http.api import make_site
+    from agent.doors.http.auth import load_or_create_token
 
     os.makedirs(options["data-dir"], exist_ok=True)  # the token's default home
     token = load_or_create_token(options["token-file"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 from twisted.internet import error, task
 from twisted.python.failure import Failure
 
-from agent.engine import Engine
-from agent.process import start_task
+from agent.core.engine import Engine
+from agent.runner.process import start_task
 
 
 class FakeProcessTransport:

@@ -18,8 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.web.server import Request
 
-from agent.engine import Lane
-from agent.protocol import TaskLineFactory
+from agent.core.engine import Lane
+from agent.doors.tcp.protocol import TaskLineFactory
 from tests.webapi import TOKEN, eventually, make_api, sleep  # noqa: F401
 
 TCP_LINES = [

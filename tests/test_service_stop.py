@@ -5,7 +5,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from agent.process import CLEANUP_DEADLINE
+from agent.runner.process import CLEANUP_DEADLINE
 from agent.service import AgentService
 
 

@@ -15,9 +15,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from agent.engine import Engine, Lane
-from agent.store import Store
-from agent.web.api import make_site
+from agent.core.engine import Engine, Lane
+from agent.history.store import Store
+from agent.doors.http.api import make_site
 from tests.procs import processes_where
 
 TOKEN = "test-token-123"

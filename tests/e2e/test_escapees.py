@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 import time
 
-from agent.procinfo import proc_stat
+from agent.runner.procinfo import proc_stat
 from tests.procs import processes_where
 
 QUIET = ">/dev/null 2>&1 </dev/null"

@@ -51,7 +51,7 @@ def test_a_restart_with_a_small_keep_bytes_prunes_the_oldest_tasks_and_their_out
 def test_a_running_task_survives_every_prune(start_http_agent, data_dir, monkeypatch):  # noqa: F811
     """Prunes every 0.2 s (the module constant, set before twistd runs) with a 1-byte limit."""
     monkeypatch.setattr(conftest, "TWISTD", [
-        sys.executable, "-c", "import agent.retention as r; r.PRUNE_INTERVAL = 0.2; "
+        sys.executable, "-c", "import agent.history.retention as r; r.PRUNE_INTERVAL = 0.2; "
                               "from twisted.scripts.twistd import run; run()"])
     agent, api = start_http_agent("--keep-bytes", "1")
     running = api.json("POST", "/tasks", {"command": "sh", "args": [

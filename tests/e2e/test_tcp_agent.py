@@ -365,7 +365,7 @@ def test_output_limit_kills_an_endless_writer(start_agent):
 def test_agent_scheduler_runs_the_reference_input(start_agent, cmd_dir, mode, busy):
     agent = start_agent("--timeout-unit", "ms", cwd=cmd_dir)
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.scheduler", "--agent", f"127.0.0.1:{agent.tcp_port}", *mode,
+        [sys.executable, "-m", "agent.clients.scheduler", "--agent", f"127.0.0.1:{agent.tcp_port}", *mode,
          str(REFERENCE_INPUT)], capture_output=True, text=True, timeout=60,
         env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0, proc.stderr
@@ -388,7 +388,7 @@ def test_request_limits_reach_the_task(start_agent):
 def test_the_example_systemd_unit_starts_an_agent_with_valid_options():
     """examples/agent.service must not rot: its ExecStart options parse, and the
     stop timeout leaves room for the grace and the cleanup checks."""
-    from agent.process import CLEANUP_DEADLINE
+    from agent.runner.process import CLEANUP_DEADLINE
     from agent.service import Options
 
     unit = (REPO / "examples" / "agent.service").read_text()

@@ -1,0 +1,496 @@
+"""`agent-scheduler`: send task requests to one or more agents and print the results.
+
+    agent-scheduler [--agent HOST:PORT]... [--pace MS] [FILE]
+
+Two modes:
+- default: each agent connection carries one task at a time; a task answered
+  "cannot allow concurrent executions" goes back to the head of the queue for
+  the next free agent (the same one after a back-off when it is alone), so a
+  batch finishes as fast as the nodes allow and every task runs exactly once;
+  a task with an id whose connection drops mid-task is asked for again on the
+  same agent, which answers a known id with its result instead of running it;
+- --pace MS: seed A's reference scheduler, exactly: one connection to the
+  first agent, a request line every MS milliseconds without waiting, then as
+  many result lines as were sent, each within 10 s.
+
+Results go to stdout byte for byte as the agent wrote them (one line each, in
+arrival order); a summary goes to stderr. Exit status: 0 when every task got a
+result, 1 when some did not, 2 for bad arguments or input.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred, DeferredQueue, TimeoutError
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
+                                        connectProtocol)
+from twisted.internet.error import ConnectError
+from twisted.protocols.basic import LineReceiver
+from twisted.python import usage
+
+from agent.doors.tcp.wire import BUSY_ERROR, TIMEOUT_ERROR
+
+DEFAULT_AGENT = "127.0.0.1:3000"
+CONNECT_TIMEOUT = 10.0
+PACED_RESULT_DEADLINE = 10.0
+FIRST_BACKOFF, MAX_BACKOFF = 0.05, 1.0
+MAX_RECONNECTS = 3
+"""Times a task with an id is asked for again on its agent after the connection dropped."""
+MAX_RESULT_LINE = 1 << 30  # a result carries a task's whole stdout, JSON-escaped
+
+
+# -- pure parts: input, addresses, back-off, summary
+
+
+class InputError(ValueError):
+    """The request file cannot be read as JSON lines or a JSON array."""
+
+
+def parse_requests(text: str) -> list[dict]:
+    """Requests as JSON lines (the reference format) or as one JSON array.
+
+    Blank lines are skipped; an error names the line (or array element) so a
+    long batch file can be fixed without bisecting it.
+    """
+    if text.lstrip().startswith("["):
+        try:
+            requests = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"input is not a valid JSON array: {e}") from None
+        numbered, where = list(enumerate(requests, 1)), "element"
+    else:
+        numbered, where = [], "line"
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((number, json.loads(line)))
+                except ValueError as e:
+                    raise InputError(f"line {number} is not valid JSON: {e}") from None
+    for number, request in numbered:
+        if not isinstance(request, dict):
+            raise InputError(f"{where} {number} is not a JSON object")
+    return [request for _, request in numbered]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT, with [brackets] allowed around an IPv6 host."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError(f"--agent wants HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def backoff(streak: int) -> float:
+    """Seconds to leave a node alone after `streak` + 1 busy answers in a row."""
+    return min(FIRST_BACKOFF * 2 ** streak, MAX_BACKOFF)
+
+
+@dataclass
+class Summary:
+    sent: int = 0  # tasks written at least once
+    ok: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    busy: int = 0  # busy answers printed as results (pace mode)
+    missing: int = 0  # tasks without a result
+    retried: int = 0  # busy answers the default mode sent again
+    asked_again: int = 0  # tasks with an id asked for again after a dropped connection
+
+    def count(self, result: dict) -> None:
+        error = result.get("error")
+        if error == TIMEOUT_ERROR:
+            self.timed_out += 1
+        elif error == BUSY_ERROR:
+            self.busy += 1
+        elif result.get("exit_code") == 0 and not error:
+            self.ok += 1
+        else:
+            self.failed += 1
+
+    def line(self, elapsed: float) -> str:
+        retried = f"{self.retried} busy answers retried, " if self.retried else ""
+        asked = (f"{self.asked_again} asked for again after a dropped connection, "
+                 if self.asked_again else "")
+        return (f"agent-scheduler: {self.sent} sent, {self.ok} ok, {self.failed} failed, "
+                f"{self.timed_out} timed out, {self.busy} busy, {self.missing} without result, "
+                f"{retried}{asked}{elapsed:.2f} s")
+
+
+# -- one connection
+
+
+class Result(NamedTuple):
+    raw: bytes  # the agent's line, printed as is
+    fields: dict  # the same, parsed, for the summary and for retries
+
+
+class _Closed:
+    """Put on the result queue when the connection ends."""
+
+
+class AgentConnection(LineReceiver):
+    """One connection to an agent: write requests, take result lines in arrival order."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_RESULT_LINE
+
+    def __init__(self):
+        self.results: DeferredQueue = DeferredQueue()
+        self.lost = False
+        self.problem: str | None = None  # why we dropped the connection ourselves
+        self._partial: list[bytes] = []
+        self._partial_size = 0
+
+    def send(self, request: dict) -> None:
+        self.transport.write(json.dumps(request).encode() + b"\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        """Split lines in linear time.
+
+        LineReceiver re-copies and re-scans its whole buffer for every chunk,
+        which turns one 256 MiB result into minutes of CPU; here a partial
+        line is kept as a list of chunks and joined once.
+        """
+        start = 0
+        while self.problem is None and not self.lost and not self.transport.disconnecting:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._keep(data[start:])
+                return
+            piece = data[start:end]
+            if self._partial:
+                piece = b"".join(self._partial) + piece
+                self._partial, self._partial_size = [], 0
+            start = end + 1
+            if len(piece) > self.MAX_LENGTH:
+                self.lineLengthExceeded(piece)
+                return
+            self.lineReceived(piece)
+
+    def _keep(self, chunk: bytes) -> None:
+        if chunk:
+            self._partial.append(chunk)
+            self._partial_size += len(chunk)
+            if self._partial_size > self.MAX_LENGTH:
+                self.lineLengthExceeded(b"")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._drop(f"sent a line longer than {self.MAX_LENGTH} bytes")
+
+    def lineReceived(self, line: bytes) -> None:
+        raw = line.strip()  # the agent may write spaces as keep-alive probes
+        if not raw:
+            return
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            self._drop(f"sent a line that is not a JSON object: {raw[:80]!r}")
+            return
+        self.results.put(Result(raw, fields))
+
+    def _drop(self, problem: str) -> None:
+        """A peer that breaks the protocol cannot be trusted with the next task."""
+        self.problem = problem
+        self._partial, self._partial_size = [], 0
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.lost = True
+        self.results.put(_Closed)
+
+    async def next_result(self, clock, deadline: float | None = None) -> Result | type[_Closed]:
+        """The next result line, or _Closed; TimeoutError after `deadline` seconds."""
+        d = self.results.get()
+        if deadline is not None:
+            d.addTimeout(deadline, clock)
+        return await d
+
+
+# -- the default mode's work queue
+
+
+@dataclass
+class _Task:
+    request: dict
+    attempts: int = 0  # busy answers so far
+    reconnects: int = 0  # times asked for again after the connection dropped mid-task
+
+
+class _Batch:
+    """The tasks of a spread run, shared by one worker per agent.
+
+    An idle worker waits here instead of leaving while tasks are in flight
+    elsewhere: one of them may come back busy and should go to the idle node
+    rather than back to the busy one.
+    """
+
+    def __init__(self, requests: list[dict]):
+        self.queue = deque(_Task(request) for request in requests)
+        self.in_flight = 0
+        self._idle: list[Deferred] = []
+
+    async def take(self) -> _Task | None:
+        """The next task, or None once nothing is queued or can come back."""
+        while not self.queue:
+            if not self.in_flight:
+                return None
+            waiting = Deferred()
+            self._idle.append(waiting)
+            await waiting
+        self.in_flight += 1
+        return self.queue.popleft()
+
+    def give_back(self, item: _Task) -> None:
+        """Queue `item` first again: it keeps its place in the batch."""
+        self.in_flight -= 1
+        self.queue.appendleft(item)
+        self._wake()
+
+    def finish(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        idle, self._idle = self._idle, []
+        for waiting in idle:
+            waiting.callback(None)
+
+
+# -- the two modes
+
+
+class Scheduler:
+    """Runs one batch; `out` takes bytes (the results), `err` text (complaints)."""
+
+    def __init__(self, reactor, agents: list[tuple[str, int]], out=None, err=None):
+        self._reactor = reactor
+        self._agents = agents
+        self._out = out if out is not None else sys.stdout.buffer
+        self._err = err if err is not None else sys.stderr
+        self._started = reactor.seconds()
+        self.summary = Summary()
+
+    def summary_line(self) -> str:
+        return self.summary.line(self._reactor.seconds() - self._started)
+
+    async def connect(self, address: tuple[str, int]) -> AgentConnection | None:
+        try:
+            return await connectProtocol(_endpoint(self._reactor, *address), AgentConnection())
+        except Exception as e:
+            self._complain(f"cannot connect to {_name(address)}: {_reason(e)}")
+            return None
+
+    def emit(self, result: Result) -> None:
+        self.summary.count(result.fields)
+        self._out.write(result.raw + b"\n")
+        self._out.flush()
+
+    def _complain(self, message: str) -> None:
+        self._err.write(f"agent-scheduler: {message}\n")
+        self._err.flush()
+
+    async def paced(self, requests: list[dict], pace_s: float) -> None:
+        """The reference scheduler: write every line pace_s apart, then read."""
+        connection = await self.connect(self._agents[0])
+        if connection is None:
+            self.summary.missing = len(requests)
+            return
+        for i, request in enumerate(requests):
+            if i:
+                await task.deferLater(self._reactor, pace_s, lambda: None)
+            connection.send(request)
+            self.summary.sent += 1
+        for received in range(len(requests)):
+            try:
+                result = await connection.next_result(self._reactor, PACED_RESULT_DEADLINE)
+            except TimeoutError:
+                self._complain(f"no result within {PACED_RESULT_DEADLINE:g} s")
+                result = _Closed
+            if result is _Closed:
+                self.summary.missing = len(requests) - received
+                if connection.lost:
+                    self._lost(self._agents[0], connection)
+                self._complain(f"{self.summary.missing} result(s) did not arrive")
+                break
+            self.emit(result)
+        connection.transport.loseConnection()
+
+    async def spread(self, requests: list[dict]) -> None:
+        """One task in flight per agent; busy answers go back to the queue."""
+        batch = _Batch(requests)
+        workers = [Deferred.fromCoroutine(self._worker(address, batch))
+                   for address in self._agents]
+        for worker in workers:
+            await worker
+        if batch.queue:
+            self.summary.missing += len(batch.queue)
+            self._complain(f"{len(batch.queue)} task(s) were never run: no agent could take them")
+
+    async def _worker(self, address: tuple[str, int], batch: _Batch) -> None:
+        """Feed one agent until the batch is done or the connection ends."""
+        connection = await self.connect(address)
+        if connection is None:
+            return
+        streak = 0  # busy answers in a row from this node
+        while (item := await batch.take()) is not None:
+            if connection.lost:  # ended between tasks: this one never left
+                batch.give_back(item)
+                self._lost(address, connection)
+                return
+            if not item.attempts:
+                self.summary.sent += 1
+            result, connection = await self._result_from(address, connection, item)
+            if result is _Closed:
+                batch.finish()
+                self.summary.missing += 1  # it may have run: never resend it elsewhere
+                return
+            if result.fields.get("error") == BUSY_ERROR:
+                item.attempts += 1
+                self.summary.retried += 1
+                batch.give_back(item)  # an idle agent takes it now, this one waits
+                await task.deferLater(self._reactor, backoff(streak), lambda: None)
+                streak += 1
+                continue
+            streak = 0
+            batch.finish()
+            self.emit(result)
+        connection.transport.loseConnection()
+
+    async def _result_from(self, address, connection: AgentConnection, item: _Task):
+        """Send the task and read its result: (Result or _Closed, the connection now).
+
+        A connection that drops mid-task may have run the task. With an id the
+        same agent is asked again: it answers a known id with that task's result
+        and never runs it twice. Without one (or on another agent, which does
+        not know the id) the task is never sent again.
+        """
+        connection.send(item.request)
+        result = await connection.next_result(self._reactor)
+        while result is _Closed:
+            task_id = item.request.get("id")
+            if not task_id or item.reconnects >= MAX_RECONNECTS:
+                self._lost(address, connection, mid_task=True)
+                return _Closed, connection
+            self._lost(address, connection, mid_task=True,
+                       then=f"; asking it again for id {task_id!r}")
+            await task.deferLater(self._reactor, backoff(item.reconnects), lambda: None)
+            item.reconnects += 1
+            reconnected = await self.connect(address)
+            if reconnected is None:
+                return _Closed, connection
+            connection = reconnected
+            self.summary.asked_again += 1
+            connection.send(item.request)
+            result = await connection.next_result(self._reactor)
+        return result, connection
+
+    def _lost(self, address, connection: AgentConnection, mid_task: bool = False,
+              then: str = "") -> None:
+        what = connection.problem or "closed the connection"
+        self._complain(f"{_name(address)} {what}{' mid-task' if mid_task else ''}{then}")
+
+
+def _endpoint(reactor, host: str, port: int):
+    """A plain TCP endpoint for an IP literal: HostnameEndpoint would add 0.3 s to a refusal."""
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+    return HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+
+
+def _name(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(e: Exception) -> str:
+    """'Connection refused' rather than Twisted's 'Connection was refused by other side: 111: ...'."""
+    if isinstance(e, ConnectError) and isinstance(e.osError, int):
+        return os.strerror(e.osError)
+    return str(e).strip().rstrip(".") or type(e).__name__
+
+
+# -- command line
+
+
+class Options(usage.Options):
+    synopsis = "Usage: agent-scheduler [--agent HOST:PORT]... [--pace MS] [FILE]"
+    longdesc = ("Send the task requests in FILE (JSON lines or a JSON array; default stdin) "
+                "to the agents, print each result as a JSON line on stdout and a summary "
+                "on stderr.")
+    optParameters = [["pace", None, None, "Reference mode: one connection to the first agent, "
+                      "a request every MS milliseconds without waiting for results.", float]]
+
+    def __init__(self):
+        super().__init__()
+        self["agents"] = []
+
+    def opt_agent(self, value):
+        """An agent to send tasks to, HOST:PORT; repeatable [default: 127.0.0.1:3000]."""
+        self["agents"].append(parse_address(value))
+
+    def parseArgs(self, file=None):
+        self["file"] = file
+
+    def postOptions(self):
+        if not self["agents"]:
+            self["agents"] = [parse_address(DEFAULT_AGENT)]
+        if self["pace"] is not None and not 0 <= self["pace"] < float("inf"):
+            raise usage.UsageError("--pace wants a number of milliseconds, 0 or more")
+
+
+def read_input(path: str | None) -> str:
+    """The request file (stdin for None or '-') as text, errors as InputError."""
+    try:
+        if path in (None, "-"):
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise InputError(f"cannot read {path or 'stdin'}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"line {line} is not UTF-8") from None
+
+
+async def _run(reactor, options: Options) -> None:
+    try:
+        requests = parse_requests(read_input(options["file"]))
+    except InputError as e:
+        sys.stderr.write(f"agent-scheduler: {e}\n")
+        raise SystemExit(2)
+    scheduler = Scheduler(reactor, options["agents"])
+    if options["pace"] is not None:
+        await scheduler.paced(requests, options["pace"] / 1000.0)
+    else:
+        await scheduler.spread(requests)
+    sys.stderr.write(scheduler.summary_line() + "\n")
+    if scheduler.summary.missing:
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        sys.stderr.write(f"agent-scheduler: {e}\n{options}")
+        raise SystemExit(2)
+    task.react(lambda reactor: _run(reactor, options))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The engine and the rules every door shares: requests, admission, limits, outcomes."""

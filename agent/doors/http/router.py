@@ -1,0 +1,132 @@
+"""Paths to handlers, and every outcome of a handler to an HTTP response, in one place.
+
+A handler takes the request (and the path's {parameters}) and returns a
+Response, a Deferred of one, or STREAMING when it writes the body itself.
+An ApiError becomes its status with {"error": message}; anything else is
+logged and becomes a bare 500, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import unquote
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from agent.doors.http.errors import ApiError, MethodNotAllowed, NotFound
+
+log = Logger()
+
+STREAMING = object()
+"""A handler's answer when it has taken over writing the response."""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int = 200
+    body: Any = None
+    """A JSON-able value, or bytes sent as they are."""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    content_type: bytes = b"application/json"
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: str
+    """A path with {name} segments, e.g. /tasks/{id}/output."""
+    handler: Callable[..., Any]
+    auth: bool = True
+
+    def match(self, segments: list[str]) -> dict[str, str] | None:
+        parts = self.pattern.strip("/").split("/")
+        if len(parts) != len(segments):
+            return None
+        params = {}
+        for part, segment in zip(parts, segments):
+            if part.startswith("{"):
+                params[part[1:-1]] = segment
+            elif part != segment:
+                return None
+        return params
+
+
+class Router(Resource):
+    """The whole API as one leaf resource: it routes on the path itself."""
+
+    isLeaf = True
+
+    def __init__(self, routes: list[Route], authorize: Callable[[Any], None]):
+        super().__init__()
+        self.routes = routes
+        self._authorize = authorize
+
+    def render(self, request):
+        try:
+            route, params = self._route(request)
+            if route.auth:
+                self._authorize(request)
+            result = route.handler(request, **params)
+        except Exception:
+            self._fail(Failure(), request)
+            return NOT_DONE_YET
+        if isinstance(result, Deferred):
+            result.addCallbacks(self._respond, self._fail, callbackArgs=(request,),
+                                errbackArgs=(request,))
+            result.addErrback(lambda f: log.failure("answering {path}", f, path=request.path))
+        elif result is not STREAMING:
+            self._respond(result, request)
+        return NOT_DONE_YET
+
+    def _route(self, request) -> tuple[Route, dict[str, str]]:
+        path = unquote(request.path.decode("utf-8", "replace")).rstrip("/")
+        segments = path.strip("/").split("/")
+        method = request.method.decode("ascii", "replace").upper()
+        allowed = []
+        for route in self.routes:
+            params = route.match(segments)
+            if params is None:
+                continue
+            if route.method == method:
+                return route, params
+            allowed.append(route.method)
+        if allowed:
+            raise MethodNotAllowed(f"{method} is not allowed on {path or '/'}",
+                                   {b"Allow": ", ".join(sorted(set(allowed))).encode()})
+        raise NotFound(f"no such endpoint: {path or '/'}")
+
+    def _respond(self, response, request) -> None:
+        if response is STREAMING or _gone(request):
+            return
+        request.setResponseCode(response.status)
+        for name, value in response.headers.items():
+            request.setHeader(name, value)
+        body = response.body
+        if body is None:
+            body = b""
+        elif not isinstance(body, bytes):
+            body = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+        if body:
+            request.setHeader(b"Content-Type", response.content_type)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def _fail(self, failure: Failure, request) -> None:
+        if failure.check(ApiError):
+            error = failure.value
+            response = Response(error.status, {"error": error.message}, error.headers)
+        else:
+            log.failure("{method} {path} failed", failure, method=request.method, path=request.path)
+            response = Response(500, {"error": "internal error; see the agent's log"})
+        self._respond(response, request)
+
+
+def _gone(request) -> bool:
+    """The client left (or the response is complete): nothing may be written any more."""
+    return getattr(request, "_disconnected", False) or getattr(request, "finished", False)

@@ -1,0 +1,263 @@
+"""Task endpoints: start, run to completion, list, show, cancel, health.
+
+Handlers translate HTTP into engine and store calls and records into JSON;
+the rules (limits, cancel, states) live in the engine and the store.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from agent.core.engine import AlreadyKnown, Busy, Engine, Lane, ShuttingDown, Task
+from agent.history.replay import used_for_another_command
+from agent.history.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
+from agent.doors.http.body import TaskSpec, parse_task, read_json
+from agent.doors.http.errors import (BadRequest, Conflict, NotFound, TooManyTasks, Unavailable,
+                              Unprocessable)
+from agent.doors.http.output import OutputStreamer
+from agent.doors.http.query import arg, arg_header, choice_arg, int_arg
+from agent.doors.http.router import STREAMING, Response
+
+log = Logger()
+
+REPLAYED = b"Idempotent-Replayed"
+"""Set on an answer about a task an earlier request with the same key started."""
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
+
+
+class Discard:
+    """The HTTP door's own sink: output goes to the store's spool (an engine tap), not memory."""
+
+    def received(self, fd: int, data: bytes) -> None:
+        pass
+
+
+def task_json(record: TaskRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "command": list(record.command),
+        "state": record.state,
+        "source": record.source,
+        "created_at": _time(record.created_at),
+        "started_at": _time(record.started_at),
+        "finished_at": _time(record.finished_at),
+        "duration_ms": None if record.duration_ms is None else round(record.duration_ms, 3),
+        "exit_code": record.exit_code,
+        "error": record.error,
+        "pid": record.pid,
+        "timeout": record.timeout,
+        "stdout_bytes": record.stdout_bytes,
+        "stderr_bytes": record.stderr_bytes,
+        "stdout_dropped": record.stdout_dropped,
+        "stderr_dropped": record.stderr_dropped,
+        "request_id": record.request_id,
+        "reason": record.reason,
+        "signal": record.signal,
+        "cleanup": record.cleanup,
+    }
+
+
+def _time(seconds: float | None) -> str | None:
+    """RFC 3339 in UTC with milliseconds."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+class TaskEndpoints:
+    def __init__(self, engine: Engine, store: Store, lane: Lane, kill_grace: float = 5.0,
+                 environ: Mapping[str, str] = os.environ):
+        self._engine = engine
+        self._store = store
+        self._lane = lane
+        self._kill_grace = kill_grace
+        self._environ = environ
+
+    # -- starting
+
+    def create(self, request) -> Deferred:
+        """201 with the record as the history has it: what a GET right after will show.
+
+        A repeated id (Idempotency-Key) starts nothing: 200 with the task it named."""
+        spec = self._spec(request)
+        try:
+            task = self._submit(spec)
+        except AlreadyKnown as known:
+            existing = self._record_for_key(known, spec)
+            existing.addCallback(lambda record: Response(200, task_json(record), {
+                b"Location": b"/tasks/" + record.id.encode(), REPLAYED: b"true"}))
+            return existing
+        created = self._store.get_saved(task.id)
+        created.addCallbacks(
+            lambda record: Response(201, task_json(record),
+                                    {b"Location": b"/tasks/" + task.id.encode()}),
+            self._not_saved, errbackArgs=(task,))
+        return created
+
+    def _not_saved(self, failure, task: Task):
+        """Never 201 for a task whose record is not on disk: end it and say why."""
+        failure.trap(HistoryUnwritable)
+        task.cancel("the task history cannot be written")
+        raise Unavailable(_unwritable(failure.value))
+
+    def run(self, request) -> Deferred:
+        """Run to completion, then answer with stdout as text; a client that leaves cancels it
+        (unless a retry of the same id still waits for it)."""
+        spec = self._spec(request)
+        try:
+            task = self._submit(spec, held=True)
+        except AlreadyKnown as known:
+            if known.task is None:
+                ended = self._record_for_key(known, spec)
+                ended.addCallback(self._send_stdout, request, replayed=True)
+                return ended
+            task = known.task
+            if task.request.command != spec.request.command:
+                raise Unprocessable(used_for_another_command(known.key, task.request.command))
+            task.hold()
+            replayed = True
+        else:
+            replayed = False
+        gone = request.notifyFinish()
+        gone.addErrback(lambda _: self._engine.release_many([task], "client disconnected"))
+        ended = task.ended()
+        ended.addCallback(lambda _: self._store.get(task.id))
+        ended.addCallback(self._send_stdout, request, replayed)
+        return ended
+
+    def _send_stdout(self, record: TaskRecord, request, replayed: bool = False):
+        if getattr(request, "_disconnected", False):
+            return STREAMING
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"X-Task-Id", record.id.encode())
+        request.setHeader(b"X-Exit-Code", b"%d" % record.exit_code)
+        request.setHeader(b"X-Task-State", record.state.encode())
+        if record.error:
+            request.setHeader(b"X-Error", _header_safe(record.error))
+        if replayed:
+            request.setHeader(REPLAYED, b"true")
+            request.setHeader(b"X-Stdout-Dropped", b"%d" % record.stdout_dropped)
+        OutputStreamer(request, {1: self._store.reader(record.id, 1)},
+                       limits={1: record.stdout_bytes}).start()
+        return STREAMING
+
+    def _spec(self, request) -> TaskSpec:
+        return parse_task(read_json(request), arg_header(request, b"idempotency-key"))
+
+    def _submit(self, spec: TaskSpec, held: bool = False) -> Task:
+        health = self._store.health()
+        if not health["writable"]:
+            raise Unavailable(_unwritable(health["error"]))
+        try:
+            task = self._engine.submit(spec.request, self._lane, Discard(), source="http",
+                                       held=held, **spec.run_options(self._environ))
+        except Busy:
+            raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
+                               "(--max-running); wait for one to end or cancel one") from None
+        except ShuttingDown:
+            raise Unavailable("the agent is shutting down; no task is started") from None
+        log.info("task {id} started over HTTP: {argv0}", id=task.id, argv0=spec.request.command[0])
+        return task
+
+    def _record_for_key(self, known: AlreadyKnown, spec: TaskSpec) -> Deferred:
+        """The record of the task a repeated key names, if it was for the same command."""
+        def check(record: TaskRecord | None) -> TaskRecord:
+            if record is None:  # removed from the history between the two looks
+                raise Conflict(f"key {known.key!r} named a task since removed; retry")
+            if record.command != spec.request.command:
+                raise Unprocessable(used_for_another_command(known.key, record.command))
+            return record
+
+        found = self._store.get(known.task_id)
+        found.addCallback(check)
+        return found
+
+    # -- reading
+
+    def list(self, request) -> Deferred:
+        state = arg(request, "state")
+        if state is not None and state not in STATES:
+            raise BadRequest(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        limit = int_arg(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        try:
+            page = self._store.list(state, limit, arg(request, "cursor"))
+        except ValueError as e:
+            raise BadRequest(f"cursor: {e}") from None
+        page.addCallback(lambda p: Response(200, {"tasks": [task_json(r) for r in p.records],
+                                                  "next": p.next}))
+        return page
+
+    @inlineCallbacks
+    def show(self, request, id: str):
+        record = yield self._record(id)
+        return Response(200, task_json(record))
+
+    def health(self, request) -> Response:
+        """200 even when degraded: restarting the agent (what a failing liveness probe
+        does) would kill its running tasks and not free the disk."""
+        running = sum(1 for task in self._engine.live.values() if task.state == "running")
+        history = self._store.health()
+        history["since"] = _time(history["since"])
+        return Response(200, {"status": "ok" if history["writable"] else "degraded",
+                              "running": running, "history": history})
+
+    # -- ending
+
+    @inlineCallbacks
+    def cancel(self, request, id: str):
+        """SIGTERM the group, SIGKILL after the grace; answer with the ended record."""
+        task = self._engine.live.get(id)
+        if task is None:
+            record = yield self._record(id)
+            raise Conflict(f"task {id} has already ended ({record.state}); nothing to cancel")
+        log.info("task {id} cancelled over HTTP", id=id)
+        task.cancel("cancelled by request", self._kill_grace)
+        yield task.cleaned()  # the answer can say the group was verified empty
+        record = yield self._record(id)
+        return Response(200, task_json(record))
+
+    def delete(self, request, id: str):
+        """DELETE /tasks/{id}: a cancel; with ?purge=true, the removal of an ended task."""
+        if choice_arg(request, "purge", ("true", "false"), "false") == "false":
+            return self.cancel(request, id)
+        return self.purge(request, id)
+
+    @inlineCallbacks
+    def purge(self, request, id: str):
+        """Remove an ended task's record and output; answer with the record removed."""
+        try:
+            record = yield self._store.purge(id)
+        except StillRunning:
+            raise Conflict(f"task {id} has not ended; cancel it first (DELETE /tasks/{id}), "
+                           "then purge it") from None
+        except HistoryUnwritable as e:
+            raise Unavailable(f"the task history cannot be written ({e}); nothing was purged") \
+                from None
+        if record is None:
+            raise NotFound(f"no task with id {id!r}")
+        log.info("task {id} purged over HTTP", id=id)
+        return Response(200, task_json(record))
+
+    @inlineCallbacks
+    def _record(self, task_id: str):
+        record = yield self._store.get(task_id)
+        if record is None:
+            raise NotFound(f"no task with id {task_id!r}")
+        return record
+
+
+def _unwritable(error) -> str:
+    return (f"the task history cannot be written ({error}); no task is started until it can "
+            "be (see GET /healthz)")
+
+
+def _header_safe(text: str) -> bytes:
+    """One line of ASCII: a header value cannot carry newlines or arbitrary bytes."""
+    return text.replace("\r", " ").replace("\n", " ").encode("ascii", "backslashreplace")

@@ -1,0 +1,1 @@
+"""The TCP door: newline-delimited JSON task requests and results."""

@@ -1,0 +1,243 @@
+"""The TCP wire format: parse a request line, encode a result line.
+
+Pure functions over bytes and values, no I/O, so every rule of the protocol
+can be tested (and fuzzed) without a socket or a process.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import re
+from dataclasses import dataclass
+from json.encoder import encode_basestring
+from typing import Any, Iterable, Iterator
+
+from agent.core.outcome import Outcome
+
+TIMEOUT_UNITS = {"s": 1.0, "ms": 0.001}
+
+LIMIT_NAMES = ("cpu_s", "memory_mb", "nofile")
+"""Per-task resource limits a request may ask for (see agent.runner.spawn.RLIMITS)."""
+
+BUSY_ERROR = "cannot allow concurrent executions"
+SHUTTING_DOWN_ERROR = "agent shutting down"
+TIMEOUT_ERROR = "timeout exceeded"
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """One validated request: an argv, a timeout in seconds (None = none), an optional id."""
+
+    command: tuple[str, ...]
+    timeout: float | None = None
+    id: str | None = None
+    limits: tuple[tuple[str, int], ...] = ()
+
+
+class BadRequest(ValueError):
+    """A request line that cannot be run; carries what could be echoed back."""
+
+    def __init__(self, message: str, command: Any = None, id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.command = command
+        self.id = id
+
+
+_HTTP_REQUEST_LINE = re.compile(
+    rb"^(?:[A-Z]{3,16} +\S+ +HTTP/\d|(?:GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) )")
+_HTTP_HEADER = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
+
+
+def looks_like_http(line: bytes) -> bool:
+    """True for an HTTP request line or header line: never a task request.
+
+    A web page can make a browser POST to the TCP door (an HTML form with
+    enctype="text/plain" needs no script and no CORS preflight) and smuggle a
+    JSON request in the body; such a connection must end at its first line.
+    No line of valid JSON can match: JSON never starts with a token and a colon.
+    """
+    line = line.lstrip(b" \t")
+    return bool(_HTTP_REQUEST_LINE.match(line) or _HTTP_HEADER.match(line))
+
+
+def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:
+    """Validate one request line; raise BadRequest saying exactly what is wrong."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request is not valid UTF-8: {e.reason} at byte {e.start}")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise BadRequest(f"request is not valid JSON: {e}")
+    if not isinstance(obj, dict):
+        raise BadRequest(f"request must be a JSON object, not {_json_type(obj)}")
+    request_id = _parse_id(obj)
+    command = obj.get("command")
+    try:
+        return TaskRequest(
+            command=_parse_command(command),
+            timeout=parse_timeout(obj.get("timeout"), timeout_unit),
+            id=request_id,
+            limits=parse_limits(obj.get("limits")),
+        )
+    except BadRequest as e:
+        raise BadRequest(e.message, command=command, id=request_id) from None
+
+
+MAX_ID = 1024
+"""Longest id: every id is kept in memory as an idempotency key while its task is in the history."""
+
+
+def _parse_id(obj: dict) -> str | None:
+    request_id = obj.get("id")
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str):
+        raise BadRequest(f'"id" must be a string, not {_json_type(request_id)}')
+    if len(request_id) > MAX_ID:
+        raise BadRequest(f'"id" must be at most {MAX_ID} characters, not {len(request_id)}')
+    return request_id
+
+
+def _parse_command(command: Any) -> tuple[str, ...]:
+    if command is None:
+        raise BadRequest('"command" is missing')
+    if not isinstance(command, list):
+        raise BadRequest(f'"command" must be a list of strings, not {_json_type(command)}')
+    if not command:
+        raise BadRequest('"command" must not be empty')
+    for index, arg in enumerate(command):
+        if not isinstance(arg, str):
+            raise BadRequest(f'"command"[{index}] must be a string, not {_json_type(arg)}')
+        if "\0" in arg:
+            raise BadRequest(f'"command"[{index}] contains a NUL character')
+    if not command[0]:
+        raise BadRequest('"command"[0] must not be empty')
+    return tuple(command)
+
+
+def parse_timeout(timeout: Any, unit: str) -> float | None:
+    """0 or missing means no timeout; anything else is converted to seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise BadRequest(f'"timeout" must be a number, not {_json_type(timeout)}')
+    if not math.isfinite(timeout) or timeout < 0:
+        raise BadRequest(f'"timeout" must be a non-negative number, not {timeout!r}')
+    if timeout == 0:
+        return None
+    return timeout * TIMEOUT_UNITS[unit]
+
+
+def parse_limits(limits: Any) -> tuple[tuple[str, int], ...]:
+    """{"cpu_s": N, "memory_mb": N, "nofile": N}, each optional, as sorted pairs."""
+    if limits is None:
+        return ()
+    if not isinstance(limits, dict):
+        raise BadRequest(f'"limits" must be an object, not {_json_type(limits)}')
+    pairs = []
+    for name, value in sorted(limits.items()):
+        if name not in LIMIT_NAMES:
+            raise BadRequest(f'"limits" has unknown key {name!r}; known: {", ".join(LIMIT_NAMES)}')
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadRequest(f'"limits.{name}" must be a positive integer, not {value!r}')
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def encode_result(command: Any, outcome: Outcome, output: str | None,
+                  request_id: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    """One result line (with its newline) for a task that was attempted.
+
+    A task that never started carries no executed_at, duration_ms or output,
+    so a scheduler cannot mistake it for a program that ran and failed.
+    """
+    result: dict[str, Any] = {"command": command}
+    if outcome.started:
+        result["executed_at"] = int(outcome.started_at)
+        result["duration_ms"] = round(outcome.duration_ms, 3)
+    result["exit_code"] = outcome.exit_code
+    if outcome.started:
+        result["output"] = output if output is not None else ""
+    result["error"] = outcome.error
+    if extra:
+        result.update(extra)
+    return _line(result, request_id)
+
+
+_EMPTY_OUTPUT = b'"output": ""'
+
+_KEPT_BYTES = bytes(c for c in range(256) if c >= 0x20 or c in b"\t\n\r")
+"""Bytes escape_output can escape with bytes.replace: all but the control
+characters that need a \\u00XX escape."""
+
+_SHORT_ESCAPES = ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\n", b"\\n"), (b"\r", b"\\r"),
+                  (b"\t", b"\\t"))
+
+
+def encode_result_pieces(command: Any, outcome: Outcome, stdout: Iterable[bytes],
+                         request_id: str | None = None,
+                         extra: dict[str, Any] | None = None) -> Iterator[bytes]:
+    """encode_result's line for stdout given as raw chunks, in pieces.
+
+    The bytes joined are exactly encode_result(..., output=stdout decoded),
+    but no piece holds more than one chunk's worth, so a result of hundreds
+    of megabytes is never held twice over (text, JSON, bytes) in memory.
+    """
+    if not outcome.started:
+        yield encode_result(command, outcome, None, request_id, extra)
+        return
+    # Inside a JSON string every quote is escaped, so the first unescaped
+    # '"output": ""' in the line is the output field itself.
+    before, after = encode_result(command, outcome, "", request_id, extra).split(_EMPTY_OUTPUT, 1)
+    yield before + b'"output": "'
+    yield from escape_output(stdout)
+    yield b'"' + after
+
+
+def escape_output(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The body of the JSON string for chunks decoded as UTF-8 (invalid bytes replaced).
+
+    Equal to json.dumps(text, ensure_ascii=False)[1:-1].encode() for the whole
+    text, three times faster: once decoding has replaced what was not UTF-8,
+    every character JSON escapes is a single ASCII byte, so a few bytes.replace
+    passes do it; only a chunk with rarer control characters takes json's
+    own escaper (measured on 200 MiB of text: 0.10 s against 0.29 s).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for chunk in chunks:
+        piece = _escape(decoder.decode(chunk))
+        if piece:
+            yield piece
+    piece = _escape(decoder.decode(b"", final=True))
+    if piece:
+        yield piece
+
+
+def _escape(text: str) -> bytes:
+    data = text.encode("utf-8")
+    if data.translate(None, _KEPT_BYTES):
+        return encode_basestring(text)[1:-1].encode("utf-8")
+    for raw, escaped in _SHORT_ESCAPES:
+        data = data.replace(raw, escaped)
+    return data
+
+
+def encode_error(message: str, command: Any = None, request_id: str | None = None) -> bytes:
+    """One result line for a request that was refused before anything ran."""
+    return _line({"command": command, "exit_code": -1, "error": message}, request_id)
+
+
+def _line(result: dict[str, Any], request_id: str | None) -> bytes:
+    if request_id is not None:
+        result["id"] = request_id
+    return json.dumps(result, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8") + b"\n"

@@ -1,0 +1,1 @@
+"""The task history: records, output spool, retention; written off the reactor thread."""

@@ -1,0 +1,391 @@
+"""History retention: --keep-days and --keep-bytes prune the oldest ended tasks and their output.
+
+The policy runs at start and every PRUNE_INTERVAL seconds (a LoopingCall on
+the reactor it is given, so a test drives it with a Clock). It never touches
+a queued or running task: the store hands out only ended ones, and filters
+out any it still holds in memory before anything is deleted.
+
+Everything that blocks (SQL, stat, unlink) runs on the store's thread, a
+batch of BATCH tasks per job, so reads and writes queued meanwhile wait for
+one batch, never for a whole prune of a large history. The functions below
+marked "store thread" are those jobs; the rest runs on the reactor.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from agent.history.store import Store
+
+log = Logger()
+
+PRUNE_INTERVAL = 3600.0
+"""Seconds between prunes after the one at start."""
+
+BATCH = 500
+"""Tasks examined (and at most deleted) per store-thread job."""
+
+SIZE_ROUNDS = 3
+"""Passes a size prune makes when the file sizes it measures after a pass
+are still over the limit (its estimate of what a row takes was low)."""
+
+DAY = 86400.0
+DATABASE_FILES = ("history.sqlite3", "history.sqlite3-wal", "history.sqlite3-shm")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '4294967296', '512M', '4G', '1.5GiB' (K, M, G, T are powers of 1024)."""
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise ValueError(f"not a size in bytes: {text!r} (try 4294967296, 512M or 4G)")
+    return int(float(match[1]) * _UNITS[match[2].lower()])
+
+
+parse_size.coerceDoc = "Bytes, or with a K, M, G or T suffix (powers of 1024: 4G = 4294967296)."
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_days: float = 30.0
+    """Ended tasks older than this (by finished_at) go; 0 = no age limit."""
+    keep_bytes: int = 4 << 30
+    """The data dir (database files and output) is kept under this; 0 = no size limit."""
+
+    @property
+    def active(self) -> bool:
+        return self.keep_days > 0 or self.keep_bytes > 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the data dir holds, as far as retention counts it."""
+
+    database_bytes: int
+    """history.sqlite3 and its -wal and -shm files, as they are on disk."""
+    output_bytes: int
+    """Output files, estimated from the records: the bytes each stream kept."""
+    rows: int
+
+    @property
+    def total(self) -> int:
+        return self.database_bytes + self.output_bytes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An ended task that may be pruned, in history order."""
+
+    seq: int
+    id: str
+    kept_bytes: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    candidates: list[Candidate]
+    last_seq: int | None
+    """Where the next batch starts; None when this one reached the end of the history."""
+
+
+@dataclass(frozen=True)
+class Removed:
+    ids: list[str]
+    output_bytes: int
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    """(task id, why) for each task kept because its output could not be removed."""
+
+
+@dataclass
+class Pruned:
+    """One prune's account, logged when it removed anything."""
+
+    by_age: int = 0
+    by_size: int = 0
+    freed_bytes: int = 0
+    usage: Usage | None = None
+    size_unmet: bool = False
+    """Still over --keep-bytes with nothing left that may be pruned."""
+
+    @property
+    def tasks(self) -> int:
+        return self.by_age + self.by_size
+
+    @property
+    def reason(self) -> str:
+        return " and ".join(why for why, n in (("age", self.by_age), ("size", self.by_size)) if n)
+
+
+# -- on the store thread
+
+def prepare(connection: sqlite3.Connection) -> None:
+    """Let deleted rows give their pages back to the file system (store thread, or at open).
+
+    auto_vacuum = INCREMENTAL keeps a map of free pages that
+    `PRAGMA incremental_vacuum` truncates off the file in a moment; it only
+    applies to a database created with it, so a history from before is
+    converted once with VACUUM (a rewrite: seconds for 100,000 tasks, once).
+    """
+    if connection.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    try:
+        connection.execute("VACUUM")
+    except sqlite3.Error as e:  # it needs room for a copy: on a full disk it must not stop the agent
+        log.warn("cannot convert the history to incremental vacuum ({why}): pruning will free "
+                 "pages for reuse but not shrink the file", why=str(e))
+
+
+def measure(connection: sqlite3.Connection, data_dir: Path, ended: tuple[str, ...]) -> Usage:
+    """Database files by stat, ended tasks' output by their records: one scan, no directory walk."""
+    marks = ", ".join("?" * len(ended))
+    rows, kept = connection.execute(
+        f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN state IN ({marks}) THEN "
+        f"stdout_bytes - stdout_dropped + stderr_bytes - stderr_dropped END), 0) FROM tasks",
+        ended).fetchone()
+    return Usage(database_bytes(data_dir), kept, rows)
+
+
+def database_bytes(data_dir: Path) -> int:
+    total = 0
+    for name in DATABASE_FILES:
+        try:
+            total += os.stat(data_dir / name).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def candidates(connection: sqlite3.Connection, ended: tuple[str, ...], after_seq: int, limit: int,
+               finished_before: float | None = None) -> Batch:
+    """Ended tasks in history order (oldest first) after after_seq; by primary key, no sort."""
+    marks = ", ".join("?" * len(ended))
+    where, args = ["seq > ?", f"state IN ({marks})"], [after_seq, *ended]
+    if finished_before is not None:
+        where.append("COALESCE(finished_at, created_at) < ?")
+        args.append(finished_before)
+    rows = connection.execute(
+        f"SELECT seq, id, stdout_bytes - stdout_dropped + stderr_bytes - stderr_dropped "
+        f"FROM tasks WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+    return Batch([Candidate(*row) for row in rows], rows[-1][0] if len(rows) == limit else None)
+
+
+def remove(connection: sqlite3.Connection, output_root: Path, ended: tuple[str, ...],
+           task_ids: list[str]) -> Removed:
+    """Delete ended tasks' output directories, then their rows, in one transaction.
+
+    Output goes first: an agent killed in between leaves rows whose output is
+    gone, which the next prune takes again, rather than directories no row
+    points to any more, which nothing would ever remove.
+    """
+    if not task_ids:
+        return Removed([], 0)
+    marks = ", ".join("?" * len(ended))
+    still_ended = [row[0] for row in connection.execute(
+        f"SELECT id FROM tasks WHERE id IN ({', '.join('?' * len(task_ids))}) "
+        f"AND state IN ({marks})", (*task_ids, *ended))]
+    gone, freed, failures = [], 0, []
+    for task_id in still_ended:
+        try:
+            freed += remove_output(output_root / task_id)
+        except OSError as e:
+            failures.append((task_id, f"{e.strerror or e}"))
+            continue
+        gone.append(task_id)
+    if gone:
+        with connection:
+            connection.execute(f"DELETE FROM tasks WHERE id IN ({', '.join('?' * len(gone))})",
+                               gone)
+    return Removed(gone, freed, failures)
+
+
+def remove_output(directory: Path) -> int:
+    """Remove a task's output directory; the bytes its files held (0 if it had none)."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    freed = 0
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+            continue
+        try:
+            freed += entry.stat(follow_symlinks=False).st_size
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            pass
+    os.rmdir(directory)
+    return freed
+
+
+def compact(connection: sqlite3.Connection, data_dir: Path) -> int:
+    """Give freed pages back and empty the write-ahead log; the database's bytes after."""
+    # executescript steps each statement to its end; execute() would free a single page
+    connection.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
+    return database_bytes(data_dir)
+
+
+# -- on the reactor
+
+class _Stopped(Exception):
+    """The agent is stopping: the store closes after the job in hand, so ask it nothing more."""
+
+
+class Retention(Service):
+    """Prunes the store by a Policy at start and every PRUNE_INTERVAL seconds.
+
+    A child of the agent's service: it stops (and waits for the batch in
+    hand) before the store closes. A failing prune is logged and the next
+    one still comes.
+    """
+
+    name = "retention"
+
+    def __init__(self, store: Store, policy: Policy, clock):
+        self._store = store
+        self.policy = policy
+        self._clock = clock
+        self._loop: LoopingCall | None = None
+        self._current: Deferred | None = None
+        self._stopping = False
+        self._unmet_logged = False
+
+    def startService(self):
+        super().startService()
+        if not self.policy.active:
+            return
+        self._stopping = False
+        self._loop = LoopingCall(self._prune_logging_errors)
+        self._loop.clock = self._clock
+        self._loop.start(PRUNE_INTERVAL, now=True)
+
+    def stopService(self):
+        super().stopService()
+        self._stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        return self.idle()
+
+    def idle(self) -> Deferred:
+        """Fires once no prune is under way (at once if none is)."""
+        if self._current is None:
+            return succeed(None)
+        done: Deferred = Deferred()
+        self._current.addBoth(lambda result: (done.callback(None), result)[1])
+        return done
+
+    def _prune_logging_errors(self) -> Deferred:
+        """What the LoopingCall runs: a failure would stop the loop, so none gets out."""
+        self._current = self.prune()
+        self._current.addCallback(self._report)
+        self._current.addErrback(lambda f: f.trap(_Stopped) and None)
+        self._current.addErrback(lambda f: log.failure("pruning the history failed", f))
+        self._current.addBoth(self._done)
+        return self._current
+
+    def _done(self, result):
+        self._current = None
+        return result
+
+    def _ask(self, method, *args, **kwargs) -> Deferred:
+        """A store call, unless the agent is stopping: a job queued after the store's close
+        would never be answered, and shutdown waits for this prune."""
+        if self._stopping:
+            raise _Stopped()
+        return method(*args, **kwargs)
+
+    @inlineCallbacks
+    def prune(self):
+        """Prune once by age, then by size; a Pruned with what it did."""
+        pruned = Pruned()
+        yield self._ask(self._store.compact)  # an emptied log: the database's size is its rows'
+        start = yield self._ask(self._store.usage)
+        if self.policy.keep_days > 0:
+            cutoff = self._clock.seconds() - self.policy.keep_days * DAY
+            pruned.by_age, freed = yield self._prune_expired(cutoff)
+            pruned.freed_bytes += freed
+        if self.policy.keep_bytes > 0:
+            usage = start if not pruned.by_age else (yield self._ask(self._store.usage))
+            pruned.by_size, freed, pruned.size_unmet = yield self._prune_to_size(usage)
+            pruned.freed_bytes += freed
+        if pruned.tasks:
+            database_after = yield self._ask(self._store.compact)
+            pruned.freed_bytes += max(0, start.database_bytes - database_after)
+        pruned.usage = yield self._ask(self._store.usage)
+        return pruned
+
+    @inlineCallbacks
+    def _prune_expired(self, cutoff: float):
+        removed = freed = 0
+        after = 0
+        while after is not None and not self._stopping:
+            batch = yield self._ask(self._store.ended_tasks, after, BATCH, finished_before=cutoff)
+            after = batch.last_seq
+            if batch.candidates:
+                gone = yield self._ask(self._store.remove, [c.id for c in batch.candidates])
+                removed, freed = removed + len(gone.ids), freed + gone.output_bytes
+        return removed, freed
+
+    @inlineCallbacks
+    def _prune_to_size(self, usage: Usage):
+        """Oldest first until the estimate is under the limit, then measure again: a few
+        passes at most, since a row's share of the database file is only an average.
+        The third value is True when the limit cannot be met: nothing is left to prune."""
+        limit = self.policy.keep_bytes
+        removed = freed = 0
+        exhausted = False
+        for _ in range(SIZE_ROUNDS):
+            if usage.total <= limit or exhausted or self._stopping:
+                break
+            row_bytes = usage.database_bytes / max(usage.rows, 1)
+            excess, after, removed_before = usage.total - limit, 0, removed
+            while excess > 0 and not self._stopping:
+                if after is None:
+                    exhausted = True
+                    break
+                batch = yield self._ask(self._store.ended_tasks, after, BATCH)
+                after = batch.last_seq
+                chosen = []
+                for candidate in batch.candidates:
+                    if excess <= 0:
+                        break
+                    chosen.append(candidate.id)
+                    excess -= candidate.kept_bytes + row_bytes
+                if chosen:
+                    gone = yield self._ask(self._store.remove, chosen)
+                    removed, freed = removed + len(gone.ids), freed + gone.output_bytes
+            if removed > removed_before:
+                yield self._ask(self._store.compact)
+                usage = yield self._ask(self._store.usage)
+        return removed, freed, exhausted and usage.total > limit
+
+    def _report(self, pruned: Pruned) -> Pruned:
+        if pruned.tasks:
+            log.info("pruned {tasks} task(s) and their output by {reason} ({by_age} older than "
+                     "--keep-days, {by_size} over --keep-bytes), freeing {freed_bytes} bytes; "
+                     "the data dir now holds {total_bytes} bytes",
+                     tasks=pruned.tasks, reason=pruned.reason, by_age=pruned.by_age,
+                     by_size=pruned.by_size, freed_bytes=pruned.freed_bytes,
+                     total_bytes=pruned.usage.total)
+        if pruned.size_unmet and not self._unmet_logged:
+            log.warn("the data dir holds {total_bytes} bytes, over --keep-bytes {limit}, and "
+                     "nothing more may be pruned: what is left is the database itself and "
+                     "tasks that are queued, running or just ended",
+                     total_bytes=pruned.usage.total, limit=self.policy.keep_bytes)
+        self._unmet_logged = pruned.size_unmet
+        return pruned
+

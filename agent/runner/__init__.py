@@ -1,0 +1,1 @@
+"""Runs one task's process group: spawn, output, timeout, kill and verification."""

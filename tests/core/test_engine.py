@@ -1,0 +1,261 @@
+"""The engine's rules: lanes reject or queue FIFO, cancel, shutdown, observers."""
+from __future__ import annotations
+
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from agent.core.engine import AlreadyKnown, Busy, Lane, ShuttingDown
+from agent.doors.tcp.wire import TaskRequest
+from agent.core.outcome import Ending
+from agent.runner.process import StdoutCollector
+from tests.fakes import FakeHost, exit_with
+
+
+class EngineTests(SynchronousTestCase):
+    def setUp(self):
+        host = FakeHost()
+        self.clock, self.spawn, self.kills, self.engine = host.clock, host.spawn, host.kills, host.engine
+        self.seen: list[tuple[str, str]] = []
+        self.engine.observers.append(lambda t: self.seen.append((t.request.command[0], t.state)))
+
+    def submit(self, lane, name="cmd", timeout=None):
+        return self.engine.submit(TaskRequest((name,), timeout), lane, StdoutCollector())
+
+    def test_rejecting_lane_refuses_while_full_and_frees_on_exit(self):
+        lane = Lane(1)
+        first = self.submit(lane)
+        self.assertRaises(Busy, self.submit, lane)
+        exit_with(self.spawn.protocol(), 0)
+        self.assertEqual(self.successResultOf(first.ended()).exit_code, 0)
+        self.submit(lane)
+        self.assertEqual(len(self.spawn.spawned), 2)
+
+    def test_lane_is_freed_by_a_start_failure(self):
+        lane = Lane(1)
+        self.spawn.fail_with = FileNotFoundError(2, "No such file or directory")
+        failed = self.submit(lane)
+        self.assertEqual(self.successResultOf(failed.ended()).ending, Ending.START_FAILED)
+        self.spawn.fail_with = None
+        self.submit(lane)
+        self.assertEqual(lane.running, 1)
+
+    def test_lane_is_freed_by_a_timeout(self):
+        lane = Lane(1)
+        self.submit(lane, timeout=1)
+        self.clock.advance(1)
+        self.assertEqual(lane.running, 0)
+
+    def test_queueing_lane_starts_waiters_in_arrival_order(self):
+        lane = Lane(1, queue=True)
+        tasks = [self.submit(lane, name) for name in ("a", "b", "c")]
+        self.assertEqual([argv[0] for argv, _ in self.spawn.spawned], ["a"])
+        self.assertEqual([t.state for t in tasks], ["running", "queued", "queued"])
+        exit_with(self.spawn.protocol(0))
+        exit_with(self.spawn.protocol(1))
+        self.assertEqual([argv[0] for argv, _ in self.spawn.spawned], ["a", "b", "c"])
+
+    def test_a_full_queue_refuses_at_once_and_takes_again_once_one_starts(self):
+        lane = Lane(1, queue=True, max_waiting=2)
+        self.submit(lane, "a")
+        waiting = [self.submit(lane, name) for name in ("b", "c")]
+        self.assertEqual(lane.waiting, 2)
+        self.assertRaises(Busy, self.submit, lane, "d")
+        self.assertEqual(set(self.engine.live.values()) & set(waiting), set(waiting))
+        exit_with(self.spawn.protocol(0))  # a ends, b starts: one place in the queue
+        self.submit(lane, "e")
+        self.assertEqual(lane.waiting, 2)
+        waiting[1].cancel("client disconnected")  # a dropped waiter frees its place too
+        self.submit(lane, "f")
+        self.assertRaises(Busy, self.submit, lane, "g")
+
+    def _logged_tasks(self, log_tasks: str) -> list[str]:
+        events = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        try:
+            self.engine.log_tasks = log_tasks
+            lane = Lane(0)
+            self.submit(lane, "ok"), self.submit(lane, "bad"), self.submit(lane, "slow", timeout=1)
+            exit_with(self.spawn.protocol(0), 0)
+            exit_with(self.spawn.protocol(1), 2)
+            self.clock.advance(1)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        return [e["argv0"] for e in events if e.get("log_namespace") == "agent.core.engine"
+                and "argv0" in e]
+
+    def test_log_tasks_chooses_which_ended_tasks_get_a_line(self):
+        self.assertEqual(self._logged_tasks("all"), ["ok", "bad", "slow"])
+
+    def test_log_tasks_failures_leaves_out_exit_code_zero(self):
+        self.assertEqual(self._logged_tasks("failures"), ["bad", "slow"])
+
+    def test_log_tasks_none_logs_no_task(self):
+        self.assertEqual(self._logged_tasks("none"), [])
+
+    def test_once_shutting_down_nothing_new_starts_but_known_ids_are_answered(self):
+        lane = Lane(0)
+        running = self.engine.submit(TaskRequest(("a",), None, "known"), lane, StdoutCollector())
+        self.engine.cancel_all("agent shutting down", grace=5)
+        self.assertRaises(ShuttingDown, self.submit, lane, "new")
+        with self.assertRaises(AlreadyKnown) as known:
+            self.engine.submit(TaskRequest(("a",), None, "known"), lane, StdoutCollector())
+        self.assertIs(known.exception.task, running)
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_unlimited_lane_never_waits(self):
+        lane = Lane(0)
+        for _ in range(50):
+            self.submit(lane)
+        self.assertEqual(len(self.spawn.spawned), 50)
+
+    def test_cancelling_a_queued_task_drops_it_without_starting(self):
+        lane = Lane(1, queue=True)
+        self.submit(lane, "a")
+        queued = self.submit(lane, "b")
+        queued.cancel("client disconnected")
+        outcome = self.successResultOf(queued.ended())
+        self.assertEqual((outcome.ending, outcome.started), (Ending.CANCELLED, False))
+        exit_with(self.spawn.protocol(0))
+        self.assertEqual(len(self.spawn.spawned), 1, "a dropped task must never start")
+        self.assertEqual(lane.running, 0)
+
+    def test_cancel_all_ends_running_and_queued_tasks(self):
+        lane = Lane(1, queue=True)
+        running, queued = self.submit(lane, "a"), self.submit(lane, "b")
+        self.engine.cancel_all("agent shutting down")
+        self.assertEqual(self.successResultOf(running.ended()).error, "agent shutting down")
+        self.assertEqual(self.successResultOf(queued.ended()).ending, Ending.CANCELLED)
+        self.assertEqual(self.engine.live, {})
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_registry_holds_only_live_tasks(self):
+        lane = Lane(0)
+        t = self.submit(lane)
+        self.assertIn(t.id, self.engine.live)
+        exit_with(self.spawn.protocol())
+        self.assertNotIn(t.id, self.engine.live)
+
+    def test_observers_see_each_state_change(self):
+        lane = Lane(1, queue=True)
+        self.submit(lane, "a")
+        self.submit(lane, "b")
+        exit_with(self.spawn.protocol(0))
+        self.assertEqual(self.seen, [("a", "queued"), ("a", "running"), ("b", "queued"),
+                                     ("a", "finished"), ("b", "running")])
+
+    def test_cleanup_is_news_of_its_own_after_the_end(self):
+        cleaned = []
+        self.engine.cleanup_observers.append(lambda t: cleaned.append((t.state, t.cleanup)))
+        self.submit(Lane(0), "a")
+        exit_with(self.spawn.protocol(0))
+        self.assertEqual(cleaned, [("finished", "complete")])
+        self.assertEqual(self.seen[-1], ("a", "finished"))
+
+    def test_cleanup_is_recorded_and_a_surviving_group_reported(self):
+        lane = Lane(0)
+        clean, stuck = self.submit(lane, "a"), self.submit(lane, "b")
+        self.kills.survivors.add(stuck.runner.pid)
+        exit_with(clean.runner)
+        exit_with(stuck.runner)
+        self.assertEqual(clean.cleanup, "complete")
+        self.assertIsNone(stuck.cleanup)
+        self.clock.pump([0.05] * 200)
+        self.assertEqual(stuck.cleanup, "incomplete")
+        self.assertGreater(self.kills.calls.count((stuck.runner.pid, 9)), 10,
+                           "a surviving group is SIGKILLed again and again until the deadline")
+
+    def test_output_taps_get_every_chunk_the_door_sink_gets(self):
+        tapped = StdoutCollector()
+        self.engine.output_taps.append(lambda t: tapped)
+        t = self.submit(Lane(0))
+        self.spawn.protocol().childDataReceived(1, b"out")
+        self.spawn.protocol().childDataReceived(2, b"err")
+        exit_with(self.spawn.protocol())
+        self.assertEqual((t.sink.text(), tapped.text()), ("out", "out"))
+        self.assertEqual(tapped.sizes, {1: 3, 2: 3})
+
+    def test_a_queued_task_dropped_before_it_starts_is_never_tapped(self):
+        asked = []
+        self.engine.output_taps.append(lambda t: asked.append(t.id) or StdoutCollector())
+        lane = Lane(1, queue=True)
+        running = self.submit(lane, "a")
+        self.submit(lane, "b").cancel()
+        self.assertEqual(asked, [running.id])
+
+
+
+    def test_cleanup_is_known_for_a_task_dropped_from_the_queue(self):
+        lane = Lane(1, queue=True)
+        self.submit(lane)
+        queued = self.submit(lane)
+        queued.cancel()
+        self.assertIs(self.successResultOf(queued.cleaned()), queued)
+        self.assertEqual(queued.cleanup, "complete")
+
+    def test_cleaned_fires_once_the_group_is_verified_empty(self):
+        task = self.submit(Lane(0))
+        waiting = task.cleaned()
+        self.kills.survivors.add(task.runner.pid)
+        exit_with(self.spawn.protocol())
+        self.assertNoResult(waiting)
+        self.kills.survivors.clear()
+        self.clock.advance(0.05)
+        self.assertEqual(self.successResultOf(waiting).cleanup, "complete")
+
+class IdempotencyTests(SynchronousTestCase):
+    """A request id is an idempotency key: the engine never starts a second task for it."""
+
+    def setUp(self):
+        host = FakeHost()
+        self.spawn, self.engine = host.spawn, host.engine
+        self.history: dict[str, str] = {}
+        self.engine.history_lookup = self.history.get
+
+    def submit(self, key, lane=None, held=False):
+        return self.engine.submit(TaskRequest(("cmd",), id=key), lane or Lane(0),
+                                  StdoutCollector(), held=held)
+
+    def test_a_live_key_names_the_running_task_even_when_the_lane_is_full(self):
+        lane = Lane(1)
+        first = self.submit("k", lane)
+        known = self.assertRaises(AlreadyKnown, self.submit, "k", lane)
+        self.assertIs(known.task, first)
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_an_ended_key_is_found_in_the_history(self):
+        first = self.submit("k")
+        exit_with(self.spawn.protocol())
+        self.assertNotIn("k", self.engine.live_by_key)
+        self.history["k"] = first.id
+        known = self.assertRaises(AlreadyKnown, self.submit, "k")
+        self.assertEqual((known.task, known.task_id), (None, first.id))
+
+    def test_tasks_without_a_key_never_collide(self):
+        self.submit(None)
+        self.submit("")
+        self.submit(None)
+        self.assertEqual(len(self.spawn.spawned), 3)
+
+    def test_a_held_task_ends_only_when_its_last_holder_lets_go(self):
+        task = self.submit("k", held=True)
+        task.hold()  # a retry waits for it too
+        self.engine.release_many([task], "client disconnected")
+        self.assertIsNone(task.outcome)
+        self.engine.release_many([task], "client disconnected")
+        self.assertEqual(self.successResultOf(task.ended()).error, "client disconnected")
+
+    def test_a_task_nobody_holds_outlives_any_release(self):
+        task = self.submit("k")
+        task.hold()
+        self.engine.release_many([task], "client disconnected")
+        self.assertIsNone(task.outcome)
+
+    def test_each_waiter_gets_the_outcome_whatever_the_others_return(self):
+        task = self.submit("k")
+        first, second = task.ended(), task.ended()
+        first.addCallback(lambda _: None)
+        exit_with(self.spawn.protocol(), 3)
+        self.assertEqual(self.successResultOf(second).exit_code, 3)
+        self.assertEqual(self.successResultOf(task.ended()).exit_code, 3)
+

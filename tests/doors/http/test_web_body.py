@@ -1,0 +1,103 @@
+"""Task bodies: every bad field named, nothing else ever raised, and no shell anywhere."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from agent.doors.tcp.wire import TaskRequest
+from agent.doors.http.body import MAX_BODY, CappedContent, TaskSpec, parse_task, read_json
+from agent.doors.http.errors import ApiError, BadRequest, PayloadTooLarge, Unprocessable
+
+
+class _Request:
+    def __init__(self, content):
+        self.content = content
+
+
+def test_command_and_args_make_the_argv():
+    spec = parse_task({"command": "python3", "args": ["-c", "print(1)"]})
+    assert spec == TaskSpec(TaskRequest(("python3", "-c", "print(1)"), None))
+
+
+def test_timeout_is_seconds_with_fractions_and_zero_means_none():
+    assert parse_task({"command": "x", "timeout": 0.25}).request.timeout == 0.25
+    assert parse_task({"command": "x", "timeout": 0}).request.timeout is None
+
+
+def test_env_is_added_to_the_agent_environment():
+    spec = parse_task({"command": "x", "env": {"A": "1"}})
+    assert spec.run_options({"PATH": "/bin", "A": "0"}) == {"env": {"PATH": "/bin", "A": "1"}}
+    assert parse_task({"command": "x"}).run_options({"PATH": "/bin"}) == {}
+
+
+def test_limits_follow_the_tcp_rules():
+    assert parse_task({"command": "x", "limits": {"nofile": 64, "cpu_s": 2}}).request.limits == \
+        (("cpu_s", 2), ("nofile", 64))
+    with pytest.raises(Unprocessable, match="limits"):
+        parse_task({"command": "x", "limits": {"nofile": 0}})
+
+
+def test_cwd_must_be_an_existing_directory(tmp_path):
+    assert parse_task({"command": "x", "cwd": str(tmp_path)}).run_options({}) == {"cwd": str(tmp_path)}
+    with pytest.raises(Unprocessable, match='"cwd"'):
+        parse_task({"command": "x", "cwd": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize("body, words", [
+    ([], "must be a JSON object"),
+    ({}, '"command" is missing'),
+    ({"command": ""}, '"command" must not be empty'),
+    ({"command": "a\0b"}, '"command" contains a NUL'),
+    ({"command": "x", "args": ["ok", "b\0"]}, '"args"[1] contains a NUL'),
+    ({"command": "x", "timeout": -1}, '"timeout" must be a non-negative'),
+    ({"command": "x", "timeout": True}, '"timeout" must be a number'),
+    ({"command": "x", "env": {"A=B": "1"}}, "invalid variable name"),
+    ({"command": "x", "env": []}, '"env" must be an object'),
+])
+def test_each_bad_field_is_named(body, words):
+    with pytest.raises(ApiError) as caught:
+        parse_task(body)
+    assert words in caught.value.message
+
+
+def test_malformed_json_and_bad_utf8_are_400():
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        read_json(_Request(io.BytesIO(b"{")))
+    with pytest.raises(BadRequest, match="UTF-8"):
+        read_json(_Request(io.BytesIO(b'"\xff"')))
+
+
+def test_a_body_past_the_cap_is_dropped_and_refused():
+    content = CappedContent(cap=10)
+    content.write(b"12345")
+    content.write(b"678901")
+    assert content.too_large and content.getvalue() == b""
+    with pytest.raises(PayloadTooLarge):
+        read_json(_Request(content))
+
+
+def test_an_announced_length_past_the_cap_is_refused_before_reading():
+    assert CappedContent(announced=MAX_BODY + 1).too_large
+    assert not CappedContent(announced=MAX_BODY).too_large
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children,
+                                                                       max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300)
+@given(body=st.one_of(json_values, st.fixed_dictionaries(
+    {"command": json_values}, optional={"args": json_values, "timeout": json_values,
+                                        "env": json_values})))
+def test_any_json_is_either_a_task_or_a_client_error(body):
+    try:
+        spec = parse_task(body)
+    except (BadRequest, Unprocessable):
+        return
+    assert spec.request.command[0] == body["command"]
+    assert all(isinstance(arg, str) for arg in spec.request.command)

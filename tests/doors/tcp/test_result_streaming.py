@@ -1,0 +1,128 @@
+"""Large results, encoded in pieces and streamed: the same bytes as encoding
+them whole, in order with other lines, and never more than a piece at a time."""
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.testing import StringTransport
+
+from agent.doors.tcp.linewriter import LineWriter
+from agent.doors.tcp.wire import encode_result, encode_result_pieces, escape_output
+from agent.core.outcome import Ending, Outcome
+from agent.runner.process import StdoutCollector
+from agent.doors.tcp.protocol import STREAM_ABOVE
+from agent.core.engine import Lane
+from agent.doors.tcp.protocol import TaskLineFactory
+from tests.fakes import FakeHost, exit_with
+
+RAN = Outcome(Ending.EXITED, 0, "", started_at=1700000000.5, duration_ms=3.25)
+
+# Bytes rich in what JSON and UTF-8 make special: quotes, backslashes, control
+# characters, DEL, multi-byte characters (often split between chunks) and invalid bytes.
+tricky_bytes = st.lists(
+    st.sampled_from([b'"', b"\\", b"\n", b"\r", b"\t", b"\x00", b"\x1f", b"\x7f", b"a", b" ",
+                     "é".encode(), "€".encode(), "😀".encode(), "\u2028".encode(), b"\xff", b"\xc3",
+                     b"\xe2\x82", b"\xf0\x9f"]),
+    max_size=40).map(b"".join)
+
+
+def _chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+
+
+@settings(max_examples=400, deadline=None)
+@given(tricky_bytes, st.lists(st.integers(0, 60), max_size=8),
+       st.none() | st.text(max_size=5), st.lists(st.text(max_size=5), min_size=1, max_size=3))
+def test_pieces_join_to_the_whole_line(data, cuts, request_id, command):
+    whole = encode_result(command, RAN, data.decode("utf-8", "replace"), request_id)
+    pieces = list(encode_result_pieces(command, RAN, _chunked(data, cuts), request_id))
+    assert b"".join(pieces) == whole
+
+
+@given(tricky_bytes)
+def test_escaped_output_is_what_json_itself_writes(data):
+    text = data.decode("utf-8", "replace")
+    assert b"".join(escape_output([data])) == json.dumps(text, ensure_ascii=False)[1:-1].encode()
+
+
+def test_a_task_that_never_ran_is_one_piece_without_output():
+    failed = Outcome.start_failed("cannot start 'x': No such file or directory")
+    assert list(encode_result_pieces(["x"], failed, [b"ignored"], "i")) == [
+        encode_result(["x"], failed, None, "i")]
+
+
+def test_draining_a_collector_forgets_each_chunk_as_it_is_taken():
+    sink = StdoutCollector()
+    for chunk in (b"a", b"b", b"c"):
+        sink.received(1, chunk)
+    taken = []
+    for chunk in sink.drain():
+        taken.append(chunk)
+        assert len(sink.chunks) == 3 - len(taken)
+    assert taken == [b"a", b"b", b"c"]
+
+
+def _drain(transport: StringTransport) -> None:
+    """What the reactor does for a pull producer: ask for more while it is registered."""
+    while transport.producer is not None:
+        transport.producer.resumeProducing()
+
+
+def test_lines_written_during_a_stream_come_after_it():
+    transport = StringTransport()
+    writer = LineWriter(transport)
+    writer.stream(iter([b"big", b"-line", b"\n"]))
+    transport.producer.resumeProducing()  # registerProducer alone does not pull in StringTransport
+    writer.write(b"small\n")
+    assert not writer.idle
+    _drain(transport)
+    assert transport.value() == b"big-line\nsmall\n"
+    assert writer.idle and transport.producer is None
+
+
+def test_a_stream_is_pulled_one_piece_per_request():
+    transport = StringTransport()
+    writer = LineWriter(transport)
+    pulled = []
+
+    def pieces():
+        for piece in (b"a", b"b", b"\n"):
+            pulled.append(piece)
+            yield piece
+
+    writer.stream(pieces())
+    transport.producer.resumeProducing()
+    assert pulled == [b"a"]
+
+
+def test_a_lost_connection_drops_what_is_queued():
+    transport = StringTransport()
+    writer = LineWriter(transport)
+    writer.stream(iter([b"a", b"b"]))
+    writer.stopProducing()
+    writer.write(b"late\n")
+    assert writer.idle and transport.value() == b""
+
+
+def test_a_large_result_is_streamed_and_no_probe_lands_inside_it():
+    host = FakeHost()
+    proto = TaskLineFactory(host.engine, Lane(0), clock=host.clock).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b'{"command": ["big"], "id": "1"}\n{"command": ["slow"], "id": "2"}\n')
+    big, slow = host.spawn.protocol(0), host.spawn.protocol(1)
+    chunk = b"x" * (STREAM_ABOVE // 4 + 1)
+    for _ in range(4):
+        big.childDataReceived(1, chunk)
+    proto.readConnectionLost()  # half-close: the door probes with spaces while results are due
+    exit_with(big, 0)
+    transport.producer.resumeProducing()  # the first piece of the big line is out
+    host.clock.advance(1.0)  # probe time, with "slow" still pending
+    _drain(transport)
+    exit_with(slow, 0)
+    first, second = transport.value().split(b"\n")[:2]
+    assert (json.loads(first)["id"], json.loads(first)["output"]) == ("1", chunk.decode() * 4)
+    assert json.loads(second)["id"] == "2"
