@@ -1,4 +1,4 @@
-"""Options and the service tree: `twistd agent --help` is the option reference."""
+"""The service tree: the doors, the engine they share and the history, built from Options."""
 from __future__ import annotations
 
 import os
@@ -10,98 +10,20 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.python import usage
 
-from agent.core.engine import Engine, Lane
+from agent.core.engine import Engine
+from agent.core.lanes import Lane
+from agent.doors.tcp.protocol import TaskLineFactory, _describe
+from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR
+from agent.history.retention import Policy, Retention
+from agent.history.store import Store
+from agent.memory import BurstRelease
+from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
-from agent.memory import BurstRelease
-from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
-from agent.runner.process import CLEANUP_DEADLINE
-from agent.doors.tcp.protocol import TaskLineFactory, _describe
-from agent.history.retention import Policy, Retention, parse_size
-from agent.history.store import Store
+from agent.runner.process import CLEANUP_DEADLINE, start_task
 
 log = Logger()
-
-
-class Options(usage.Options):
-    optParameters = [
-        ["listen", "l", "tcp:3000:interface=127.0.0.1",
-         "Twisted server endpoint for the TCP task protocol (tcp:3000 = all interfaces; ssl:... works)."],
-        ["timeout-unit", None, "s", "Unit of a request's timeout: s or ms."],
-        ["parallel", "p", 1, "Tasks running at once on the whole node, across connections; 0 = unlimited.",
-         int],
-        ["when-busy", None, "reject",
-         "Over --parallel: reject (answer 'cannot allow concurrent executions' at once) or queue (FIFO)."],
-        ["log-tasks", None, "all",
-         "Which ended tasks get a log line: all, failures (anything but exit code 0) or none."],
-        ["max-queue", None, 10000,
-         "With --when-busy queue: most TCP tasks waiting for a slot; past it a request is "
-         "answered 'cannot allow concurrent executions' at once. 0 = no bound.", int],
-        ["max-line", None, 1 << 20, "Longest request line in bytes; longer ones get an error result.", int],
-        ["max-output-bytes", None, 256 << 20,
-         "Most stdout bytes one TCP task may write; beyond it the task is killed "
-         "('output limit exceeded') and its result holds the first bytes.", int],
-        ["http", None, None,
-         "Twisted server endpoint for the HTTP API (e.g. tcp:8080:interface=127.0.0.1); off if not given."],
-        ["token-file", None, None,
-         "File holding the HTTP API's bearer token; default DATA_DIR/token, created with a random "
-         "token (mode 0600) on first start."],
-        ["data-dir", None, "./agent-data", "Where the task history database and task output live."],
-        ["max-running", None, 64,
-         "HTTP tasks running at once (apart from --parallel); over it the API answers 429. "
-         "0 = unlimited.", int],
-        ["max-log-bytes", None, 256 << 20,
-         "Output kept per task and stream; beyond it the newest bytes are kept.", int],
-        ["kill-grace", None, 5.0,
-         "Seconds between SIGTERM and SIGKILL when a task is cancelled over HTTP.", float],
-        ["shutdown-grace", None, 5.0,
-         "Seconds running tasks get between SIGTERM and SIGKILL when the agent stops; "
-         "0 = SIGKILL at once.", float],
-        ["keep-days", None, 30.0,
-         "Days an ended task (record and output) is kept, counted from its end; older ones are "
-         "pruned at start and hourly. 0 = no age limit.", float],
-        ["keep-bytes", None, 4 << 30,
-         "Most bytes the data dir (database and task output) may hold; past it the oldest ended "
-         "tasks are pruned at start and hourly. 0 = no size limit.", parse_size],
-    ]
-
-    optFlags = [
-        ["keep-tcp-output", None,
-         "Keep TCP tasks' output in the history too (as HTTP tasks' is), under --max-log-bytes; "
-         "without it their records count the bytes but keep none."],
-    ]
-
-    def postOptions(self):
-        if self["timeout-unit"] not in TIMEOUT_UNITS:
-            raise usage.UsageError("--timeout-unit must be s or ms")
-        if self["parallel"] < 0:
-            raise usage.UsageError("--parallel must be 0 (unlimited) or more")
-        if self["when-busy"] not in ("reject", "queue"):
-            raise usage.UsageError("--when-busy must be reject or queue")
-        if self["log-tasks"] not in ("all", "failures", "none"):
-            raise usage.UsageError("--log-tasks must be all, failures or none")
-        if self["max-queue"] < 0:
-            raise usage.UsageError("--max-queue must be 0 (no bound) or more")
-        if self["max-line"] < 64:
-            raise usage.UsageError("--max-line must be at least 64 bytes")
-        if self["max-output-bytes"] < 1:
-            raise usage.UsageError("--max-output-bytes must be at least 1")
-        if self["max-running"] < 0:
-            raise usage.UsageError("--max-running must be 0 (unlimited) or more")
-        if self["max-log-bytes"] < 1:
-            raise usage.UsageError("--max-log-bytes must be at least 1")
-        if not 0 <= self["kill-grace"] < float("inf"):
-            raise usage.UsageError("--kill-grace must be a non-negative number of seconds")
-        if not 0 <= self["shutdown-grace"] < float("inf"):
-            raise usage.UsageError("--shutdown-grace must be a non-negative number of seconds")
-        if not 0 <= self["keep-days"] < float("inf"):
-            raise usage.UsageError("--keep-days must be 0 (no age limit) or a number of days")
-        if self["keep-bytes"] < 0:
-            raise usage.UsageError("--keep-bytes must be 0 (no size limit) or a size in bytes")
-        if self["token-file"] is None:
-            self["token-file"] = os.path.join(self["data-dir"], "token")
 
 
 class AgentService(MultiService):
@@ -120,6 +42,9 @@ class AgentService(MultiService):
         self.shutdown_grace = shutdown_grace
         self.handle_signals = handle_signals
         self._reactor = reactor
+        self.tcp_factory = None
+        self.site = None
+        """The doors' factories, for whoever listens on them (tests listen on port 0)."""
 
     def privilegedStartService(self):
         raise_open_file_limit()  # before the doors accept anyone or a task starts
@@ -209,6 +134,9 @@ class _LoggedEndpointService(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self._what = what
         self._reactor = reactor
+        self.tcp_factory = None
+        self.site = None
+        """The doors' factories, for whoever listens on them (tests listen on port 0)."""
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -221,42 +149,49 @@ class _LoggedEndpointService(StreamServerEndpointService):
 
 
 def makeService(options: Options, reactor=None) -> AgentService:
+    """twistd's entry point (the plugin and agent.tac): the agent as its own process."""
     if reactor is None:
         from twisted.internet import reactor
-    engine = Engine(reactor)
-    engine.log_tasks = options["log-tasks"]
+    return build(options, reactor, own_process=True)
+
+
+def build(options: Options, reactor, *, start=start_task, own_process: bool = False,
+          environ=os.environ) -> AgentService:
+    """The one place the agent is wired, for makeService and for the tests.
+
+    own_process: the agent is the whole process (twistd), so it may take
+    process-wide things: signal handlers, child-subreaper status (escapees).
+    start: how a task's process is started (tests pass a fake spawner).
+    """
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
                   keep_tcp_output=bool(options["keep-tcp-output"]))
-    engine.observers.append(store.observe)
-    engine.cleanup_observers.append(store.observe_cleanup)
-    engine.history_lookup = store.task_for_key
-    engine.output_taps.append(store.tap)
-    agent = AgentService(engine, reactor, store, options["shutdown-grace"], handle_signals=True,
-                         escapees=EscapeeReaper(reactor, engine.live.keys))
     release = BurstRelease(reactor, lambda: len(engine.live))
-    engine.observers.append(release.observe)
+    engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
+                    observers=[release.observe])
+    agent = AgentService(engine, reactor, store, options["shutdown-grace"],
+                         handle_signals=own_process,
+                         escapees=EscapeeReaper(reactor, engine.live.keys) if own_process else None)
     release.setServiceParent(agent)
     Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
         .setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
                 max_waiting=options["max-queue"])
-    factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"], reactor,
-                              max_output=options["max-output-bytes"], history=store)
-    tcp = _LoggedEndpointService(serverFromString(reactor, options["listen"]), factory,
-                                 "TCP task protocol", reactor)
-    tcp.setServiceParent(agent)
+    agent.tcp_factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"],
+                                        clock=reactor, max_output=options["max-output-bytes"])
+    _LoggedEndpointService(serverFromString(reactor, options["listen"]), agent.tcp_factory,
+                           "TCP task protocol", reactor).setServiceParent(agent)
     if options["http"]:
-        _http_door(options, reactor, engine, store).setServiceParent(agent)
+        agent.site = _http_site(options, reactor, engine, store, environ)
+        _LoggedEndpointService(serverFromString(reactor, options["http"]), agent.site,
+                               "HTTP API", reactor).setServiceParent(agent)
     return agent
 
 
-def _http_door(options: Options, reactor, engine: Engine, store: Store):
+def _http_site(options: Options, reactor, engine: Engine, store: Store, environ):
     from agent.doors.http.api import make_site
     from agent.doors.http.auth import load_or_create_token
 
     os.makedirs(options["data-dir"], exist_ok=True)  # the token's default home
     token = load_or_create_token(options["token-file"])
-    site = make_site(engine, store, Lane(options["max-running"]), token, options["kill-grace"],
-                     reactor)
-    return _LoggedEndpointService(serverFromString(reactor, options["http"]), site, "HTTP API",
-                                  reactor)
+    return make_site(engine, store, Lane(options["max-running"]), token, options["kill-grace"],
+                     reactor, environ)

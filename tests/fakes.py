@@ -1,7 +1,10 @@
 """In-memory stand-ins for processes, so timers are driven by a Clock, not sleeps."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from twisted.internet import error, task
+from twisted.internet.defer import succeed
 from twisted.python.failure import Failure
 
 from agent.core.engine import Engine
@@ -62,14 +65,57 @@ def exit_with(protocol, code: int = 0, signal: int | None = None) -> None:
     protocol.processEnded(reason)
 
 
-class FakeHost:
-    """A Clock, a fake spawner and a kill recorder, wired into an Engine."""
+class NoOutput:
+    def received(self, fd: int, data: bytes) -> None:
+        pass
+
+
+class MemoryHistory:
+    """The engine's History in memory: keys and records of the tasks it saw, no output kept.
+
+    A record is a namespace with the fields the doors read; `writable` stands for the disk."""
 
     def __init__(self):
+        self.records: dict[str, SimpleNamespace] = {}
+        self.keys: dict[str, str] = {}
+        self.writable = True
+        self.cleanups: list[tuple[str, str]] = []
+
+    def observe(self, task) -> None:
+        if task.request.id is not None:
+            self.keys[task.request.id] = task.id
+        self.records[task.id] = SimpleNamespace(id=task.id, command=task.request.command,
+                                                state=task.state, outcome=task.outcome)
+
+    def observe_cleanup(self, task) -> None:
+        self.cleanups.append((task.id, task.cleanup))
+
+    def tap(self, task):
+        return NoOutput()
+
+    def task_for_key(self, key: str):
+        return self.keys.get(key)
+
+    def get(self, task_id: str):
+        return succeed(self.records.get(task_id))
+
+    def forget(self, task_id: str) -> None:
+        """As a purge would: the record goes, but (for a race) the key still names it."""
+        self.records.pop(task_id, None)
+
+    def health(self) -> dict:
+        return {"writable": self.writable, "error": None if self.writable else "disk full"}
+
+
+class FakeHost:
+    """A Clock, a fake spawner, a kill recorder and an in-memory history, wired into an Engine."""
+
+    def __init__(self, history=None, **engine_options):
         self.clock = task.Clock()
         self.spawn = FakeSpawner()
         self.kills = KillRecorder()
-        self.engine = Engine(self.clock, start=self.start)
+        self.history = history if history is not None else MemoryHistory()
+        self.engine = Engine(self.clock, self.history, start=self.start, **engine_options)
 
     def start(self, reactor, argv, sink, **kwargs):
         return start_task(reactor, argv, sink, spawn=self.spawn, killpg=self.kills,

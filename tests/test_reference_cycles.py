@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.web.server import Request
 
-from agent.core.engine import Lane
+from agent.core.lanes import Lane
 from agent.doors.tcp.protocol import TaskLineFactory
 from tests.webapi import TOKEN, eventually, make_api, sleep  # noqa: F401
 
@@ -109,8 +109,7 @@ def gc_paused():
 @pytest_twisted.ensureDeferred
 async def test_tasks_and_requests_leave_no_reference_cycles(make_api, gc_paused):
     api = make_api(kill_grace=0.2)
-    factory = TaskLineFactory(api.engine, Lane(0), clock=reactor, max_output=1000,
-                              history=api.store)
+    factory = TaskLineFactory(api.engine, Lane(0), clock=reactor, max_output=1000)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
         await _scenarios(api, port.getHost().port, "warm")

@@ -15,27 +15,35 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from agent.core.engine import Engine, Lane
-from agent.history.store import Store
-from agent.doors.http.api import make_site
+from agent.options import Options
+from agent.service import build
 from tests.procs import processes_where
 
 TOKEN = "test-token-123"
 
 
 class LiveApi:
+    """The agent as agent.service.build wires it (real engine, store and processes), with its
+    HTTP site listening on port 0; the services around it (ports, retention) are not started."""
+
     def __init__(self, data_dir: Path, max_running: int = 8, max_log_bytes: int = 1 << 20,
                  kill_grace: float = 5.0, keep_tcp_output: bool = False):
-        self.engine = Engine(reactor)
-        self.store = Store(data_dir, reactor, max_log_bytes, keep_tcp_output).open()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token_file = data_dir / "token"
+        token_file.write_text(TOKEN)
+        token_file.chmod(0o600)
+        options = Options()
+        options.parseOptions(["--data-dir", str(data_dir), "--http", "tcp:0",
+                              "--max-running", str(max_running), "--max-log-bytes",
+                              str(max_log_bytes), "--kill-grace", str(kill_grace),
+                              *(["--keep-tcp-output"] if keep_tcp_output else [])])
+        self.options = options  # kept: usage.Options holds cycles that the GC test would find
+        agent = build(options, reactor)
+        self.engine, self.store, self.site = agent.engine, agent.store, agent.site
+        self.tcp_factory = agent.tcp_factory
+        self.store.open()
         self.store.start()
-        self.engine.observers.append(self.store.observe)
-        self.engine.cleanup_observers.append(self.store.observe_cleanup)
-        self.engine.history_lookup = self.store.task_for_key
-        self.engine.output_taps.append(self.store.tap)
-        self.lane = Lane(max_running)
-        site = make_site(self.engine, self.store, self.lane, TOKEN, kill_grace, reactor)
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         self.pgids: list[int] = []

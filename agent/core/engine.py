@@ -1,194 +1,144 @@
-"""The task engine both doors share: limits, queue, registry, cancel, shutdown.
+"""The task engine every door shares: admission, limits, the registry of live tasks,
+cancel and shutdown.
 
-Doors translate their wire format into `Engine.submit` calls and an
-Outcome back into their wire format; every rule about when a task may run
-lives here.
+A door turns its wire format into a TaskRequest, asks `Engine.admit`, and
+translates the decision (agent.core.decisions) back; every rule about when a
+task may run, and what a known id means, lives here.
 """
 from __future__ import annotations
 
 import uuid
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
-from agent.doors.tcp.wire import TaskRequest
+from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
+                                  KeyForgotten, Replay, ShuttingDown, Started)
+from agent.core.lanes import Lane
 from agent.core.outcome import Ending, Outcome
-from agent.runner.process import OutputSink, TaskProcess, start_task
+from agent.core.request import TaskRequest
+from agent.core.task import Task
+from agent.runner.process import OutputSink, start_task
 
 log = Logger()
 
-
-class Busy(Exception):
-    """The lane's limit is reached and it rejects rather than queues."""
+LOG_TASKS = ("all", "failures", "none")
 
 
-class ShuttingDown(Exception):
-    """The agent is stopping: it answers for tasks it knows but starts no new one."""
+class History(Protocol):
+    """What the engine needs of the task history (agent.history.store.Store is one)."""
 
+    def observe(self, task: Task) -> None:
+        """Each state change of a task: queued, running, finished (once each)."""
 
-class AlreadyKnown(Exception):
-    """The request's id (its idempotency key) names a task the agent already has:
-    it is not run again. `task` is the live task, or None if it has ended
-    (then `task_id` names it in the history)."""
+    def observe_cleanup(self, task: Task) -> None:
+        """A finished task's cleanup is known (task.cleanup set)."""
 
-    def __init__(self, key: str, task_id: str, task: "Task | None" = None):
-        super().__init__(key)
-        self.key = key
-        self.task_id = task_id
-        self.task = task
+    def tap(self, task: Task) -> OutputSink:
+        """Where a starting task's output is kept, beside the door's own sink."""
 
+    def task_for_key(self, key: str) -> str | None:
+        """The id of the task submitted with this idempotency key, if the history has one."""
 
-class Lane:
-    """A concurrency limit shared by every task submitted through it.
+    def get(self, task_id: str) -> Deferred:
+        """The task's record (with .command and .outcome), or None once removed."""
 
-    limit 0 means unlimited. Over the limit a queueing lane waits FIFO for a
-    free slot, a rejecting lane raises Busy at once; a queueing lane with
-    max_waiting tasks already waiting raises Busy too (0 = no bound), so a
-    flood cannot pile up in the agent's memory.
-    """
-
-    def __init__(self, limit: int, queue: bool = False, max_waiting: int = 0):
-        self.limit = limit
-        self.queue = queue
-        self.max_waiting = max_waiting
-        self._slots = DeferredSemaphore(limit) if limit > 0 else None
-
-    @property
-    def running(self) -> int:
-        return 0 if self._slots is None else self._slots.limit - self._slots.tokens
-
-    def acquire(self) -> Deferred:
-        if self._slots is None:
-            return succeed(None)
-        if self._slots.tokens == 0 and (not self.queue or 0 < self.max_waiting <= self.waiting):
-            raise Busy()
-        return self._slots.acquire()
-
-    @property
-    def waiting(self) -> int:
-        return 0 if self._slots is None else len(self._slots.waiting)
-
-    def release(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-
-
-class Task:
-    """One submitted task: its request, its state, and its Outcome once it ends."""
-
-    def __init__(self, request: TaskRequest, source: str, sink: OutputSink, task_id: str,
-                 held: bool = False):
-        self.id = task_id
-        self.request = request
-        self.source = source
-        self.sink = sink
-        self.state = "queued"
-        self.runner: TaskProcess | None = None
-        self.outcome: Outcome | None = None
-        self.cleanup: str | None = None
-        """'complete' once its process group is verified empty, 'incomplete' if
-        something in it survived repeated SIGKILL, None until known."""
-        self.holders: int | None = 1 if held else None
-        """Clients whose going away ends the task (a TCP connection, a POST /run);
-        None for a task that lives on its own (POST /tasks)."""
-        self._waiters: list[Deferred] = []
-        self._cleanup_waiters: list[Deferred] = []
-        self._waiting_for_slot: Deferred | None = None
-
-    def ended(self) -> Deferred[Outcome]:
-        """A Deferred of the Outcome, new for each caller: what one waiter's
-        callbacks return can never reach another's."""
-        if self.outcome is not None:
-            return succeed(self.outcome)
-        waiter: Deferred[Outcome] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
-
-    def cleaned(self) -> Deferred["Task"]:
-        """A Deferred of the task once its cleanup is known (task.cleanup set): after
-        the end, when its process group is verified empty (or given up on, within 5 s)."""
-        if self.cleanup is not None:
-            return succeed(self)
-        waiter: Deferred[Task] = Deferred()
-        self._cleanup_waiters.append(waiter)
-        return waiter
-
-    def hold(self) -> None:
-        """One more client (a retry of the same id) now waits for this task."""
-        if self.holders is not None:
-            self.holders += 1
-
-    def _let_go(self) -> bool:
-        """One holder left; True when none is left and the task should end."""
-        if self.holders is None or self.outcome is not None:
-            return False
-        self.holders -= 1
-        return self.holders <= 0
-
-    def cancel(self, message: str = "cancelled", grace: float = 0.0) -> None:
-        """Drop the task if it waits for a slot; otherwise end its process group."""
-        if self._waiting_for_slot is not None:
-            self._waiting_for_slot.cancel()
-        elif self.runner is not None:
-            self.runner.cancel(message, grace)
+    def health(self) -> dict:
+        """{"writable": bool, "error": str | None, ...}"""
 
 
 class Engine:
-    """Runs TaskRequests under per-lane limits and keeps the registry of live tasks."""
+    """Admits TaskRequests, runs them under per-lane limits, keeps the registry of live tasks."""
 
-    def __init__(self, reactor, start=start_task):
+    def __init__(self, reactor, history: History, *, start=start_task, log_tasks: str = "all",
+                 observers: Iterable[Callable[[Task], None]] = ()):
+        """history: records every task and answers for ended ones (required: without it
+        an id could not be an idempotency key). observers: told of each state change
+        after the history. log_tasks: which ended tasks get a log line (LOG_TASKS)."""
+        if log_tasks not in LOG_TASKS:
+            raise ValueError(f"log_tasks must be one of {LOG_TASKS}, not {log_tasks!r}")
         self._reactor = reactor
+        self._history = history
         self._start_task = start
+        self._log_tasks = log_tasks
+        self._observers = (history.observe, *observers)
         self.live: dict[str, Task] = {}
         self.live_by_key: dict[str, Task] = {}
-        self.history_lookup: Callable[[str], str | None] = lambda key: None
-        """The id of an ended task submitted with this key, if the history knows one."""
-        self.observers: list[Callable[[Task], None]] = []
-        """Called on each state change of a task: queued, running, finished (once each)."""
-        self.cleanup_observers: list[Callable[[Task], None]] = []
-        """Called once a finished task's cleanup is known (task.cleanup set): a separate
-        kind of news, so an observer can never take it for a second end."""
         self.accepting = True
-        """False once the agent is stopping: submit raises ShuttingDown."""
-        self.log_tasks = "all"
-        """Which ended tasks get a log line: all, failures (not exit code 0) or none."""
-        self.output_taps: list[Callable[[Task], OutputSink]] = []
-        """Each gives a second sink for a task's output (the store's spool),
-        asked when the task starts; the door's own sink still gets every chunk."""
+        """False once the agent is stopping: nothing new is started."""
+
+    @property
+    def history(self) -> History:
+        """Where the doors read records and output from: the engine's own history."""
+        return self._history
+
+    # -- admission: one step, one decision, for every door
+
+    def admit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str, *,
+              held: bool = False, durable: bool = False, **run_options) -> Deferred[Decision]:
+        """Start a task, or say why not, in one decision (agent.core.decisions).
+
+        A request whose id names a known task never runs again: a live one with the
+        same command is Attached (and held, if held), an ended one is a Replay of its
+        record, another command is a KeyConflict. Otherwise the task is Started, or
+        refused: ShuttingDown, Busy (the lane is full), HistoryDown (durable: the
+        client will look it up later, so it needs a record the history can write).
+
+        held: the task ends when every holder has let go (see release_many).
+        run_options (env, cwd, output_limit, ...) go to the runner unchanged.
+        """
+        key = request.id
+        if key is not None:
+            live = self.live_by_key.get(key)
+            if live is not None:
+                return self._attach(live, request, held)
+            ended = self._history.task_for_key(key)
+            if ended is not None:
+                return self._replay(ended, request)
+        if durable:
+            health = self._history.health()
+            if not health["writable"]:
+                return fail(HistoryDown(health["error"]))
+        try:
+            task = self.submit(request, lane, sink, source, held, **run_options)
+        except (Busy, ShuttingDown) as refused:
+            return fail(refused)
+        return succeed(Started(task))
+
+    def _attach(self, task: Task, request: TaskRequest, held: bool) -> Deferred[Decision]:
+        if task.request.command != request.command:
+            return fail(KeyConflict(request.id))
+        if held:
+            task.hold()
+        return succeed(Attached(task))
+
+    def _replay(self, task_id: str, request: TaskRequest) -> Deferred[Decision]:
+        def decide(record) -> Replay:
+            if record is None:  # pruned or purged between the two looks
+                raise KeyForgotten(request.id)
+            if tuple(record.command) != request.command:
+                raise KeyConflict(request.id)
+            return Replay(record)
+        return self._history.get(task_id).addCallback(decide)
 
     def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
                held: bool = False, **run_options) -> Task:
-        """Queue or start a task; raise Busy when the lane is full and rejects,
-        AlreadyKnown when its id names a task submitted before (never run twice).
-
-        held: the task ends when its holders let go (see release_many).
-        run_options (env, cwd, output_limit, ...) go to the runner unchanged.
-        """
-        key = request.id or None
-        if key is not None:
-            self._refuse_known(key)
+        """Queue or start a task with no admission (no key lookup): Busy when the lane
+        is full and rejects, ShuttingDown once the agent stops. Doors use admit."""
         if not self.accepting:
             raise ShuttingDown()
         slot = lane.acquire()
         task = Task(request, source, sink, uuid.uuid4().hex, held)
         self.live[task.id] = task
-        if key is not None:
-            self.live_by_key[key] = task
+        if request.id is not None:
+            self.live_by_key[request.id] = task
         self._notify(task)
         if not slot.called:
             task._waiting_for_slot = slot
         slot.addCallbacks(self._start, self._dropped, callbackArgs=(task, lane, run_options),
                           errbackArgs=(task,))
         return task
-
-    def _refuse_known(self, key: str) -> None:
-        live = self.live_by_key.get(key)
-        if live is not None:
-            raise AlreadyKnown(key, live.id, live)
-        ended = self.history_lookup(key)
-        if ended is not None:
-            raise AlreadyKnown(key, ended)
 
     def release_many(self, tasks, message: str) -> None:
         """Their clients went away: end each task no other client still holds."""
@@ -220,8 +170,7 @@ class Engine:
         task.runner.cleaned.addCallback(self._cleaned, task)
 
     def _sink_for(self, task: Task) -> OutputSink:
-        taps = [tap(task) for tap in self.output_taps]
-        return _Tee((task.sink, *taps)) if taps else task.sink
+        return _Tee((task.sink, self._history.tap(task)))
 
     def _dropped(self, failure, task: Task) -> None:
         failure.trap(CancelledError)
@@ -232,7 +181,7 @@ class Engine:
     def _finished(self, outcome: Outcome, task: Task, lane: Lane) -> None:
         """Answer first, log second: the log line costs ~50 us that no client should wait for."""
         self._settle(task, outcome, lane)
-        if self.log_tasks == "none" or (self.log_tasks == "failures" and outcome.succeeded):
+        if self._log_tasks == "none" or (self._log_tasks == "failures" and outcome.succeeded):
             return
         log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
                  id=task.request.id or task.id, argv0=task.request.command[0],
@@ -244,8 +193,7 @@ class Engine:
         if not emptied:
             log.error("task {id}: process group {pgid} still has members after repeated SIGKILL",
                       id=task.request.id or task.id, pgid=task.runner.pid)
-        for observer in self.cleanup_observers:
-            observer(task)
+        self._history.observe_cleanup(task)
         waiters, task._cleanup_waiters = task._cleanup_waiters, []
         for waiter in waiters:
             waiter.callback(task)
@@ -253,7 +201,7 @@ class Engine:
     def _settle(self, task: Task, outcome: Outcome, lane: Lane | None = None) -> None:
         """Record the end, then free the slot, then answer: observers see A end before B starts."""
         del self.live[task.id]
-        if task.request.id:
+        if task.request.id is not None:
             self.live_by_key.pop(task.request.id, None)
         task.outcome = outcome
         task.state = "finished"
@@ -265,7 +213,7 @@ class Engine:
             waiter.callback(outcome)
 
     def _notify(self, task: Task) -> None:
-        for observer in self.observers:
+        for observer in self._observers:
             observer(task)
 
 

@@ -417,9 +417,8 @@ class Store:
 
     def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20,
                  keep_tcp_output: bool = False):
-        """keep_tcp_output: spool TCP tasks' output too. Off, their records count the bytes
-        (all reported dropped): the TCP client already has them, and a busy scheduler's
-        output would double the agent's I/O and fill the disk with copies."""
+        """keep_tcp_output: spool the output of TCP tasks without an id too. Off, their
+        records count the bytes (all reported dropped)."""
         self._reactor = reactor
         self._keep_tcp_output = keep_tcp_output
         self._data_dir = Path(data_dir)
@@ -512,6 +511,12 @@ class Store:
         """Engine output tap: the spool the task's output goes to."""
         return self._live_entry(task).output
 
+    def _keeps_output_of(self, task) -> bool:
+        """Every HTTP task's output; a TCP task's only with an id (a retry of that id gets
+        the same result back) or with keep_tcp_output: without an id the client already
+        has its output, and a busy scheduler's copies would double the agent's I/O."""
+        return task.source != "tcp" or task.request.id is not None or self._keep_tcp_output
+
     def _live_entry(self, task) -> _Live:
         live = self._live.get(task.id)
         if live is None:
@@ -520,7 +525,7 @@ class Store:
             live = self._live[task.id] = _Live(
                 self._reactor.seconds(), json.dumps(list(task.request.command)),
                 TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes
-                           if task.source != "tcp" or self._keep_tcp_output else 0))
+                           if self._keeps_output_of(task) else 0))
         return live
 
     # -- read by the HTTP door

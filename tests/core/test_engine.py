@@ -4,19 +4,22 @@ from __future__ import annotations
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.core.engine import AlreadyKnown, Busy, Lane, ShuttingDown
-from agent.doors.tcp.wire import TaskRequest
+from agent.core.decisions import (Attached, Busy, HistoryDown, KeyConflict, KeyForgotten, Replay,
+                                  ShuttingDown, Started)
+from agent.core.lanes import Lane
 from agent.core.outcome import Ending
+from agent.core.request import TaskRequest
 from agent.runner.process import StdoutCollector
-from tests.fakes import FakeHost, exit_with
+from tests.fakes import FakeHost, MemoryHistory, exit_with
 
 
 class EngineTests(SynchronousTestCase):
-    def setUp(self):
-        host = FakeHost()
-        self.clock, self.spawn, self.kills, self.engine = host.clock, host.spawn, host.kills, host.engine
+    def setUp(self, log_tasks="all"):
         self.seen: list[tuple[str, str]] = []
-        self.engine.observers.append(lambda t: self.seen.append((t.request.command[0], t.state)))
+        self.history = MemoryHistory()
+        host = FakeHost(self.history, log_tasks=log_tasks,
+                        observers=[lambda t: self.seen.append((t.request.command[0], t.state))])
+        self.clock, self.spawn, self.kills, self.engine = host.clock, host.spawn, host.kills, host.engine
 
     def submit(self, lane, name="cmd", timeout=None):
         return self.engine.submit(TaskRequest((name,), timeout), lane, StdoutCollector())
@@ -73,7 +76,7 @@ class EngineTests(SynchronousTestCase):
         observer = events.append
         globalLogPublisher.addObserver(observer)
         try:
-            self.engine.log_tasks = log_tasks
+            self.setUp(log_tasks)
             lane = Lane(0)
             self.submit(lane, "ok"), self.submit(lane, "bad"), self.submit(lane, "slow", timeout=1)
             exit_with(self.spawn.protocol(0), 0)
@@ -98,9 +101,9 @@ class EngineTests(SynchronousTestCase):
         running = self.engine.submit(TaskRequest(("a",), None, "known"), lane, StdoutCollector())
         self.engine.cancel_all("agent shutting down", grace=5)
         self.assertRaises(ShuttingDown, self.submit, lane, "new")
-        with self.assertRaises(AlreadyKnown) as known:
-            self.engine.submit(TaskRequest(("a",), None, "known"), lane, StdoutCollector())
-        self.assertIs(known.exception.task, running)
+        known = self.successResultOf(self.engine.admit(TaskRequest(("a",), None, "known"), lane,
+                                                       StdoutCollector(), "tcp"))
+        self.assertEqual(known, Attached(running))
         self.assertEqual(len(self.spawn.spawned), 1)
 
     def test_unlimited_lane_never_waits(self):
@@ -145,11 +148,9 @@ class EngineTests(SynchronousTestCase):
                                      ("a", "finished"), ("b", "running")])
 
     def test_cleanup_is_news_of_its_own_after_the_end(self):
-        cleaned = []
-        self.engine.cleanup_observers.append(lambda t: cleaned.append((t.state, t.cleanup)))
-        self.submit(Lane(0), "a")
+        task = self.submit(Lane(0), "a")
         exit_with(self.spawn.protocol(0))
-        self.assertEqual(cleaned, [("finished", "complete")])
+        self.assertEqual(self.history.cleanups, [(task.id, "complete")])
         self.assertEqual(self.seen[-1], ("a", "finished"))
 
     def test_cleanup_is_recorded_and_a_surviving_group_reported(self):
@@ -165,9 +166,9 @@ class EngineTests(SynchronousTestCase):
         self.assertGreater(self.kills.calls.count((stuck.runner.pid, 9)), 10,
                            "a surviving group is SIGKILLed again and again until the deadline")
 
-    def test_output_taps_get_every_chunk_the_door_sink_gets(self):
+    def test_the_history_gets_every_chunk_the_door_sink_gets(self):
         tapped = StdoutCollector()
-        self.engine.output_taps.append(lambda t: tapped)
+        self.history.tap = lambda t: tapped
         t = self.submit(Lane(0))
         self.spawn.protocol().childDataReceived(1, b"out")
         self.spawn.protocol().childDataReceived(2, b"err")
@@ -177,7 +178,7 @@ class EngineTests(SynchronousTestCase):
 
     def test_a_queued_task_dropped_before_it_starts_is_never_tapped(self):
         asked = []
-        self.engine.output_taps.append(lambda t: asked.append(t.id) or StdoutCollector())
+        self.history.tap = lambda t: asked.append(t.id) or StdoutCollector()
         lane = Lane(1, queue=True)
         running = self.submit(lane, "a")
         self.submit(lane, "b").cancel()
@@ -203,39 +204,80 @@ class EngineTests(SynchronousTestCase):
         self.clock.advance(0.05)
         self.assertEqual(self.successResultOf(waiting).cleanup, "complete")
 
-class IdempotencyTests(SynchronousTestCase):
-    """A request id is an idempotency key: the engine never starts a second task for it."""
+class AdmissionTests(SynchronousTestCase):
+    """One step, one decision: a request id is an idempotency key, never run twice."""
 
     def setUp(self):
-        host = FakeHost()
+        self.history = MemoryHistory()
+        host = FakeHost(self.history)
         self.spawn, self.engine = host.spawn, host.engine
-        self.history: dict[str, str] = {}
-        self.engine.history_lookup = self.history.get
+
+    def admit(self, key, lane=None, held=False, command=("cmd",), durable=False):
+        return self.engine.admit(TaskRequest(command, id=key), lane or Lane(0), StdoutCollector(),
+                                 "tcp", held=held, durable=durable)
 
     def submit(self, key, lane=None, held=False):
-        return self.engine.submit(TaskRequest(("cmd",), id=key), lane or Lane(0),
-                                  StdoutCollector(), held=held)
+        return self.successResultOf(self.admit(key, lane, held)).task
 
-    def test_a_live_key_names_the_running_task_even_when_the_lane_is_full(self):
+    def test_a_new_request_is_started(self):
+        decision = self.successResultOf(self.admit("k"))
+        self.assertIsInstance(decision, Started)
+        self.assertEqual(decision.task.state, "running")
+
+    def test_a_live_key_attaches_to_the_running_task_even_when_the_lane_is_full(self):
         lane = Lane(1)
         first = self.submit("k", lane)
-        known = self.assertRaises(AlreadyKnown, self.submit, "k", lane)
-        self.assertIs(known.task, first)
+        self.assertEqual(self.successResultOf(self.admit("k", lane)), Attached(first))
         self.assertEqual(len(self.spawn.spawned), 1)
 
-    def test_an_ended_key_is_found_in_the_history(self):
+    def test_an_ended_key_is_a_replay_of_its_record(self):
         first = self.submit("k")
         exit_with(self.spawn.protocol())
         self.assertNotIn("k", self.engine.live_by_key)
-        self.history["k"] = first.id
-        known = self.assertRaises(AlreadyKnown, self.submit, "k")
-        self.assertEqual((known.task, known.task_id), (None, first.id))
+        decision = self.successResultOf(self.admit("k"))
+        self.assertIsInstance(decision, Replay)
+        self.assertEqual((decision.record.id, decision.record.outcome.exit_code), (first.id, 0))
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_a_key_used_for_another_command_is_refused_without_showing_it(self):
+        self.submit("k")
+        refused = self.failureResultOf(self.admit("k", command=("other",)), KeyConflict)
+        self.assertNotIn("cmd", refused.value.message)
+        exit_with(self.spawn.protocol())
+        self.failureResultOf(self.admit("k", command=("other",)), KeyConflict)
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_a_key_whose_record_went_meanwhile_is_refused_for_a_retry(self):
+        first = self.submit("k")
+        exit_with(self.spawn.protocol())
+        self.history.forget(first.id)
+        self.failureResultOf(self.admit("k"), KeyForgotten)
+
+    def test_a_durable_request_is_refused_while_the_history_cannot_be_written(self):
+        self.history.writable = False
+        self.failureResultOf(self.admit(None, durable=True), HistoryDown)
+        self.successResultOf(self.admit(None))  # a TCP task needs no record to be answered
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_refusals_are_decisions_too(self):
+        lane = Lane(1)
+        self.submit(None, lane)
+        self.failureResultOf(self.admit(None, lane), Busy)
+        self.engine.cancel_all("agent shutting down")
+        self.failureResultOf(self.admit(None, lane), ShuttingDown)
 
     def test_tasks_without_a_key_never_collide(self):
         self.submit(None)
-        self.submit("")
         self.submit(None)
-        self.assertEqual(len(self.spawn.spawned), 3)
+        self.assertEqual(len(self.spawn.spawned), 2)
+
+    def test_an_attached_holder_keeps_a_held_task_alive(self):
+        task = self.submit("k", held=True)
+        self.successResultOf(self.admit("k", held=True))
+        self.engine.release_many([task], "client disconnected")
+        self.assertIsNone(task.outcome)
+        self.engine.release_many([task], "client disconnected")
+        self.assertEqual(self.successResultOf(task.ended()).error, "client disconnected")
 
     def test_a_held_task_ends_only_when_its_last_holder_lets_go(self):
         task = self.submit("k", held=True)

@@ -93,9 +93,9 @@ def test_http_timeouts_are_seconds_whatever_the_tcp_unit(start_http_agent):
 
 
 def test_tcp_tasks_are_in_the_http_history(start_http_agent):
-    agent, api = start_http_agent("--keep-tcp-output")
+    agent, api = start_http_agent()
     client = agent.connect()
-    client.send({"command": ["echo", "from", "tcp"], "id": "t-1"})
+    client.send({"command": ["echo", "from", "tcp"], "id": "t-1"})  # an id: its stdout is kept
     assert client.receive()["output"] == "from tcp\n"
     newest = api.json("GET", "/tasks?limit=1")["tasks"][0]
     assert (newest["command"], newest["source"], newest["state"], newest["request_id"]) == \

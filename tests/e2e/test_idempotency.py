@@ -34,21 +34,20 @@ def test_a_repeated_tcp_id_answers_the_first_result_without_running_again(start_
     assert {k: again[k] for k in ("command", "executed_at", "duration_ms", "exit_code", "error",
                                   "id")} == \
         {k: first[k] for k in ("command", "executed_at", "duration_ms", "exit_code", "error", "id")}
-    # TCP output is not kept by default: the replay says how much it cannot give back
-    assert (again["output"], again["output_dropped"]) == ("", 2)
+    # the stdout of a task with an id is kept, so the retry gets back what it came for
+    assert (again["output"], "output_dropped" in again) == ("hi", False)
 
 
-def test_with_kept_tcp_output_a_replay_carries_the_output_even_after_a_restart(start_agent,
-                                                                               tmp_path):
+def test_a_replay_carries_the_output_even_after_a_restart(start_agent, tmp_path):
     marker = tmp_path / "runs"
     data = str(tmp_path / "data")
-    agent = start_agent("--data-dir", data, "--keep-tcp-output")
+    agent = start_agent("--data-dir", data)
     client = agent.connect()
     client.send({"command": _counting(marker, "kept"), "id": "job-2"})
     assert client.receive()["output"] == "kept"
     client.close()
     assert agent.stop() == 0
-    restarted = start_agent("--data-dir", data, "--keep-tcp-output")
+    restarted = start_agent("--data-dir", data)
     client = restarted.connect()
     client.send({"command": _counting(marker, "kept"), "id": "job-2"})
     again = client.receive()

@@ -12,7 +12,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 
 from agent.history import retention
-from agent.core.engine import Lane
+from agent.core.lanes import Lane
 from agent.history.retention import PRUNE_INTERVAL, Policy, Retention, parse_size
 from agent.service import Options
 from agent.history.store import _SCHEMA, StillRunning, Store

@@ -11,8 +11,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from agent.core.engine import Lane
-from agent.doors.tcp.wire import TaskRequest
+from agent.core.lanes import Lane
+from agent.core.request import TaskRequest
 from agent.runner.process import StdoutCollector
 from agent.runner.procinfo import ProcStat, is_still_the_task, proc_stat
 from agent.history.store import LOST_QUEUED, LOST_RUNNING, DataDirInUse, Store
@@ -24,14 +24,11 @@ class Harness:
     """An engine on a Clock with fake children (tests.fakes.FakeHost), feeding a real Store."""
 
     def __init__(self, data_dir, max_log_bytes=1 << 20):
-        host = FakeHost()
+        self.store = Store(data_dir, reactor, max_log_bytes).open()
+        host = FakeHost(self.store)
         host.clock.advance(1_700_000_000)
         self.host = host
         self.clock, self.spawn, self.engine = host.clock, host.spawn, host.engine
-        self.store = Store(data_dir, reactor, max_log_bytes).open()
-        self.engine.observers.append(self.store.observe)
-        self.engine.cleanup_observers.append(self.store.observe_cleanup)
-        self.engine.output_taps.append(self.store.tap)
         self.store.start()
 
     def submit(self, *argv, lane=None, timeout=None, source="http"):

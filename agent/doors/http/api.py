@@ -7,7 +7,10 @@ from typing import Mapping
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from agent.core.engine import Engine, Lane
+from twisted.internet.interfaces import IReactorTime
+
+from agent.core.engine import Engine
+from agent.core.lanes import Lane
 from agent.history.store import Store
 from agent.doors.http.auth import BearerAuth
 from agent.doors.http.body import MAX_BODY, CappedContent
@@ -17,7 +20,7 @@ from agent.doors.http.router import Response, Route, Router
 from agent.doors.http.tasks import TaskEndpoints
 
 
-def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float = 5.0, clock=None,
+def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float, clock: IReactorTime,
            environ: Mapping[str, str] = os.environ) -> list[Route]:
     tasks = TaskEndpoints(engine, store, lane, kill_grace, environ)
     output = OutputEndpoint(store, clock)
@@ -143,6 +146,7 @@ class ApiSite(Site):
         super().log(request)
 
 
-def make_site(engine: Engine, store: Store, lane: Lane, token: str, kill_grace: float = 5.0,
-              clock=None) -> ApiSite:
-    return ApiSite(Router(routes(engine, store, lane, kill_grace, clock), BearerAuth(token)))
+def make_site(engine: Engine, store: Store, lane: Lane, token: str, kill_grace: float,
+              clock: IReactorTime, environ: Mapping[str, str] = os.environ) -> ApiSite:
+    return ApiSite(Router(routes(engine, store, lane, kill_grace, clock, environ),
+                          BearerAuth(token)))

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from agent.doors.tcp import wire as messages
-from agent.doors.tcp.wire import TaskRequest
+from agent.core import request as rules
+from agent.core.request import TaskRequest
 from agent.doors.http.errors import BadRequest, PayloadTooLarge, Unprocessable
 
 MAX_BODY = 1 << 20
@@ -64,22 +64,28 @@ def read_json(request) -> Any:
         raise BadRequest(f"request body is not valid UTF-8: {e.reason} at byte {e.start}")
     except ValueError as e:
         raise BadRequest(f"request body is not valid JSON: {e}")
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
 
 
 def parse_task(body: Any, idempotency_key: str | None = None) -> TaskSpec:
     """Validate a task body; raise BadRequest or Unprocessable naming the field at fault.
 
-    The task's id (its idempotency key) is the body's "id" or the Idempotency-Key header."""
+    The task's id (its idempotency key) is the body's "id" or the Idempotency-Key header;
+    it follows the same rules as on the TCP door (agent.core.request.task_id)."""
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, not {_type(body)}")
     unknown = sorted(set(body) - set(TASK_FIELDS))
     if unknown:
         raise Unprocessable(f'unknown field "{unknown[0]}"; the fields are {", ".join(TASK_FIELDS)}')
-    command = (_command(body.get("command")), *_args(body.get("args")))
-    request = TaskRequest(command, _timeout(body.get("timeout")),
-                          _key(body.get("id"), idempotency_key), _limits(body.get("limits")))
-    return TaskSpec(request, _env(body.get("env")), _cwd(body.get("cwd")),
-                    _positive_int("max_output_bytes", body.get("max_output_bytes")))
+    try:
+        command = (_command(body.get("command")), *_args(body.get("args")))
+        request = TaskRequest(command, rules.timeout_seconds(body.get("timeout")),
+                              _key(body.get("id"), idempotency_key), rules.limits(body.get("limits")))
+        return TaskSpec(request, _env(body.get("env")), _cwd(body.get("cwd")),
+                        _positive_int("max_output_bytes", body.get("max_output_bytes")))
+    except rules.InvalidRequest as e:
+        raise Unprocessable(e.message) from None
 
 
 def _command(value: Any) -> str:
@@ -90,8 +96,7 @@ def _command(value: Any) -> str:
                             'put its arguments in "args"')
     if not value:
         raise Unprocessable('"command" must not be empty')
-    _no_nul('"command"', value)
-    return value
+    return rules.argv_item(value, '"command"')
 
 
 def _args(value: Any) -> list[str]:
@@ -99,41 +104,15 @@ def _args(value: Any) -> list[str]:
         return []
     if not isinstance(value, list):
         raise Unprocessable(f'"args" must be a list of strings, not {_type(value)}')
-    for index, arg in enumerate(value):
-        if not isinstance(arg, str):
-            raise Unprocessable(f'"args"[{index}] must be a string, not {_type(arg)}')
-        _no_nul(f'"args"[{index}]', arg)
-    return value
-
-
-def _timeout(value: Any) -> float | None:
-    """Seconds, fractions allowed; 0 or missing means none: the TCP rules, in seconds."""
-    try:
-        return messages.parse_timeout(value, "s")
-    except messages.BadRequest as e:
-        raise Unprocessable(e.message) from None
-
-
-def _limits(value: Any) -> tuple[tuple[str, int], ...]:
-    """The same resource limits, with the same rules, as on TCP."""
-    try:
-        return messages.parse_limits(value)
-    except messages.BadRequest as e:
-        raise Unprocessable(e.message) from None
+    return [rules.argv_item(arg, f'"args"[{index}]') for index, arg in enumerate(value)]
 
 
 def _key(field: Any, header: str | None) -> str | None:
+    if field is not None and header is not None and header != field:
+        raise Unprocessable('"id" and the Idempotency-Key header differ; send one, or the same')
     if field is not None:
-        if not isinstance(field, str) or not field:
-            raise Unprocessable(f'"id" must be a non-empty string, not {_type(field)}')
-        if header is not None and header != field:
-            raise Unprocessable('"id" and the Idempotency-Key header differ; send one, or the same')
-    key = field if field is not None else header
-    if key is not None and not key:
-        raise Unprocessable("the Idempotency-Key header must not be empty")
-    if key is not None and len(key) > messages.MAX_ID:
-        raise Unprocessable(f"the task's id must be at most {messages.MAX_ID} characters")
-    return key
+        return rules.task_id(field)
+    return rules.task_id(header, "the Idempotency-Key header")
 
 
 def _positive_int(name: str, value: Any) -> int | None:
@@ -152,9 +131,8 @@ def _env(value: Any) -> dict[str, str] | None:
     for name, item in value.items():
         if not name or "=" in name or "\0" in name:
             raise Unprocessable(f'"env" has an invalid variable name {name!r}')
-        if not isinstance(item, str):
-            raise Unprocessable(f'"env"["{name}"] must be a string, not {_type(item)}')
-        _no_nul(f'"env"["{name}"]', item)
+        rules.text(name, '"env" variable name')
+        rules.argv_item(item, f'"env"["{name}"]')
     return value
 
 
@@ -163,18 +141,10 @@ def _cwd(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise Unprocessable(f'"cwd" must be a non-empty string, not {_type(value)}')
-    _no_nul('"cwd"', value)
+    rules.argv_item(value, '"cwd"')
     if not os.path.isdir(value):
         raise Unprocessable(f'"cwd" is not a directory the agent can see: {value}')
     return value
 
 
-def _no_nul(name: str, value: str) -> None:
-    if "\0" in value:
-        raise Unprocessable(f"{name} contains a NUL character")
-
-
-def _type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+_type = rules.json_type

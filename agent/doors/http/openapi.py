@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.doors.tcp.wire import LIMIT_NAMES
+from agent.core.request import LIMIT_NAMES
 from agent.core.outcome import REASONS
 from agent.history.store import STATES
 

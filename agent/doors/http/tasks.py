@@ -12,8 +12,11 @@ from typing import Any, Mapping
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
-from agent.core.engine import AlreadyKnown, Busy, Engine, Lane, ShuttingDown, Task
-from agent.history.replay import used_for_another_command
+from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
+                                  KeyForgotten, Replay, ShuttingDown, Started)
+from agent.core.engine import Engine
+from agent.core.lanes import Lane
+from agent.core.task import Task
 from agent.history.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
 from agent.doors.http.body import TaskSpec, parse_task, read_json
 from agent.doors.http.errors import (BadRequest, Conflict, NotFound, TooManyTasks, Unavailable,
@@ -63,6 +66,12 @@ def task_json(record: TaskRecord) -> dict[str, Any]:
     }
 
 
+def _replayed(record: TaskRecord) -> Response:
+    """200: the task an earlier request with the same key started."""
+    return Response(200, task_json(record), {b"Location": b"/tasks/" + record.id.encode(),
+                                             REPLAYED: b"true"})
+
+
 def _time(seconds: float | None) -> str | None:
     """RFC 3339 in UTC with milliseconds."""
     if seconds is None:
@@ -86,14 +95,16 @@ class TaskEndpoints:
         """201 with the record as the history has it: what a GET right after will show.
 
         A repeated id (Idempotency-Key) starts nothing: 200 with the task it named."""
-        spec = self._spec(request)
-        try:
-            task = self._submit(spec)
-        except AlreadyKnown as known:
-            existing = self._record_for_key(known, spec)
-            existing.addCallback(lambda record: Response(200, task_json(record), {
-                b"Location": b"/tasks/" + record.id.encode(), REPLAYED: b"true"}))
-            return existing
+        decided = self._admit(request, held=False)
+        decided.addCallback(self._created)
+        return decided
+
+    def _created(self, decision: Decision) -> Deferred:
+        if isinstance(decision, Replay):
+            return _replayed(decision.record)
+        if isinstance(decision, Attached):
+            return self._store.get(decision.task.id).addCallback(_replayed)
+        task = decision.task
         created = self._store.get_saved(task.id)
         created.addCallbacks(
             lambda record: Response(201, task_json(record),
@@ -110,26 +121,19 @@ class TaskEndpoints:
     def run(self, request) -> Deferred:
         """Run to completion, then answer with stdout as text; a client that leaves cancels it
         (unless a retry of the same id still waits for it)."""
-        spec = self._spec(request)
-        try:
-            task = self._submit(spec, held=True)
-        except AlreadyKnown as known:
-            if known.task is None:
-                ended = self._record_for_key(known, spec)
-                ended.addCallback(self._send_stdout, request, replayed=True)
-                return ended
-            task = known.task
-            if task.request.command != spec.request.command:
-                raise Unprocessable(used_for_another_command(known.key, task.request.command))
-            task.hold()
-            replayed = True
-        else:
-            replayed = False
+        decided = self._admit(request, held=True)
+        decided.addCallback(self._run, request)
+        return decided
+
+    def _run(self, decision: Decision, request) -> Deferred:
+        if isinstance(decision, Replay):
+            return self._send_stdout(decision.record, request, replayed=True)
+        task = decision.task
         gone = request.notifyFinish()
         gone.addErrback(lambda _: self._engine.release_many([task], "client disconnected"))
         ended = task.ended()
         ended.addCallback(lambda _: self._store.get(task.id))
-        ended.addCallback(self._send_stdout, request, replayed)
+        ended.addCallback(self._send_stdout, request, isinstance(decision, Attached))
         return ended
 
     def _send_stdout(self, record: TaskRecord, request, replayed: bool = False):
@@ -148,36 +152,33 @@ class TaskEndpoints:
                        limits={1: record.stdout_bytes}).start()
         return STREAMING
 
-    def _spec(self, request) -> TaskSpec:
-        return parse_task(read_json(request), arg_header(request, b"idempotency-key"))
+    def _admit(self, request, held: bool) -> Deferred[Decision]:
+        spec = parse_task(read_json(request), arg_header(request, b"idempotency-key"))
+        decided = self._engine.admit(spec.request, self._lane, Discard(), "http", held=held,
+                                     durable=True, **spec.run_options(self._environ))
+        decided.addCallbacks(self._log_start, self._refused, errbackArgs=(spec,))
+        return decided
 
-    def _submit(self, spec: TaskSpec, held: bool = False) -> Task:
-        health = self._store.health()
-        if not health["writable"]:
-            raise Unavailable(_unwritable(health["error"]))
-        try:
-            task = self._engine.submit(spec.request, self._lane, Discard(), source="http",
-                                       held=held, **spec.run_options(self._environ))
-        except Busy:
+    @staticmethod
+    def _log_start(decision: Decision) -> Decision:
+        if isinstance(decision, Started):
+            log.info("task {id} started over HTTP: {argv0}", id=decision.task.id,
+                     argv0=decision.task.request.command[0])
+        return decision
+
+    def _refused(self, failure, spec: TaskSpec):
+        """Each refusal as its HTTP error (the router maps those to statuses)."""
+        refusal = failure.trap(Busy, ShuttingDown, HistoryDown, KeyConflict, KeyForgotten)
+        if refusal is Busy:
             raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
-                               "(--max-running); wait for one to end or cancel one") from None
-        except ShuttingDown:
-            raise Unavailable("the agent is shutting down; no task is started") from None
-        log.info("task {id} started over HTTP: {argv0}", id=task.id, argv0=spec.request.command[0])
-        return task
-
-    def _record_for_key(self, known: AlreadyKnown, spec: TaskSpec) -> Deferred:
-        """The record of the task a repeated key names, if it was for the same command."""
-        def check(record: TaskRecord | None) -> TaskRecord:
-            if record is None:  # removed from the history between the two looks
-                raise Conflict(f"key {known.key!r} named a task since removed; retry")
-            if record.command != spec.request.command:
-                raise Unprocessable(used_for_another_command(known.key, record.command))
-            return record
-
-        found = self._store.get(known.task_id)
-        found.addCallback(check)
-        return found
+                               "(--max-running); wait for one to end or cancel one")
+        if refusal is ShuttingDown:
+            raise Unavailable(failure.value.message)
+        if refusal is HistoryDown:
+            raise Unavailable(_unwritable(failure.value.error))
+        if refusal is KeyConflict:
+            raise Unprocessable(failure.value.message)
+        raise Conflict(failure.value.message)
 
     # -- reading
 

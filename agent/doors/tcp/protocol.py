@@ -5,21 +5,26 @@ it can cancel them when its client goes away.
 """
 from __future__ import annotations
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from agent.core.engine import AlreadyKnown, Busy, Engine, Lane, ShuttingDown, Task
+from agent.core.decisions import (Attached, Busy, Decision, KeyForgotten, Refused, ShuttingDown,
+                                  Started)
+from agent.core.engine import Engine
+from agent.core.lanes import Lane
+from agent.core.request import TaskRequest
+from agent.core.task import Task
 from agent.doors.tcp.linewriter import LineWriter
-from agent.doors.tcp.wire import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest, TaskRequest,
+from agent.doors.tcp.wire import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest,
                             encode_error, encode_result, encode_result_pieces, looks_like_http,
                             parse_request)
 from agent.core.outcome import Outcome
 from agent.runner.process import StdoutCollector
-from agent.history.replay import recorded_outcome, spooled_stdout, used_for_another_command
+from agent.history.replay import recorded_outcome, spooled_stdout
 
 STREAM_ABOVE = 256 << 10
 """Results whose stdout is larger are encoded and sent piece by piece (see
@@ -31,22 +36,25 @@ only way to tell a half-close (results still wanted) from a peer that left."""
 
 log = Logger()
 
+_WIRE_ERRORS = {Busy: BUSY_ERROR, ShuttingDown: SHUTTING_DOWN_ERROR}
+"""Refusals whose TCP error text the protocol fixes (seed A's words); the others send their message."""
+
 
 @implementer(IHalfCloseableProtocol)
 class TaskLineProtocol(LineReceiver):
     delimiter = b"\n"
 
     def __init__(self, engine: Engine, lane: Lane, timeout_unit: str, max_line: int, clock,
-                 max_output: int | None = None, history=None):
+                 max_output: int | None = None):
         self.MAX_LENGTH = max_line
-        self._history = history
         self._max_output = max_output
         self._engine = engine
         self._lane = lane
         self._timeout_unit = timeout_unit
         self._clock = clock
         self._pending: set[Task] = set()
-        self._replaying = 0
+        self._answering = 0
+        """Requests admitted or refused but not yet answered on the wire."""
         self._read_closed = False
         self._gone = False
         self._skipping_long_line = False
@@ -88,19 +96,13 @@ class TaskLineProtocol(LineReceiver):
         except BadRequest as e:
             self._send(encode_error(e.message, e.command, e.id))
             return
-        try:
-            task = self._engine.submit(request, self._lane, StdoutCollector(), source="tcp",
-                                       held=True, output_limit=self._max_output)
-        except Busy:
-            self._send(encode_error(BUSY_ERROR, list(request.command), request.id))
-            return
-        except ShuttingDown:
-            self._send(encode_error(SHUTTING_DOWN_ERROR, list(request.command), request.id))
-            return
-        except AlreadyKnown as known:
-            self._answer_known(request, known)
-            return
-        self._wait_for(task)
+        self._answering += 1
+        decided = self._engine.admit(request, self._lane, StdoutCollector(), "tcp", held=True,
+                                     output_limit=self._max_output)
+        decided.addCallbacks(self._admitted, self._refused, callbackArgs=(request,),
+                             errbackArgs=(request,))
+        decided.addErrback(self._replay_failed, request)
+        decided.addBoth(self._answered)
 
     def _refuse_http(self) -> None:
         """Close at once, answering nothing and starting nothing that follows (see looks_like_http)."""
@@ -113,77 +115,63 @@ class TaskLineProtocol(LineReceiver):
     def connectionMade(self):
         self._lines = LineWriter(self.transport)
 
-    def _wait_for(self, task: Task, request: TaskRequest | None = None) -> None:
-        self._pending.add(task)
-        task.ended().addCallback(self._deliver, task, request)
+    # -- the engine's decision, in the wire format
 
-    def _deliver(self, outcome: Outcome, task: Task, replay_of: TaskRequest | None) -> None:
+    def _admitted(self, decision: Decision, request: TaskRequest):
+        if isinstance(decision, Started):
+            self._pending.add(decision.task)
+            return decision.task.ended().addCallback(self._deliver, decision.task)
+        if isinstance(decision, Attached):
+            self._pending.add(decision.task)
+            ended = decision.task.ended()
+            ended.addCallback(self._left_pending, decision.task)
+            ended.addCallback(lambda _: self._engine.history.get(decision.task.id))
+            return ended.addCallback(self._send_replay, request)
+        return self._send_replay(decision.record, request)
+
+    def _refused(self, failure, request: TaskRequest) -> None:
+        failure.trap(Refused)
+        self._send(encode_error(_WIRE_ERRORS.get(type(failure.value), failure.value.message),
+                                list(request.command), request.id))
+
+    def _left_pending(self, result, task: Task):
+        self._pending.discard(task)
+        return result
+
+    def _deliver(self, outcome: Outcome, task: Task) -> None:
         self._pending.discard(task)
         if self._gone:
             return
         command, sink = list(task.request.command), task.sink
-        extra = {"replayed": True} if replay_of is not None else None
-        if not isinstance(sink, StdoutCollector):  # an HTTP task: its output is in the spool
-            self._replay_from_history(replay_of, task.id)
-            return
         if not outcome.started:
-            self._send(encode_result(command, outcome, None, task.request.id, extra))
+            self._send(encode_result(command, outcome, None, task.request.id))
         elif sink.sizes[1] <= STREAM_ABOVE:
-            self._send(encode_result(command, outcome, sink.text(), task.request.id, extra))
+            self._send(encode_result(command, outcome, sink.text(), task.request.id))
         else:
             self._lines.stream(encode_result_pieces(command, outcome, sink.drain(),
-                                                    task.request.id, extra))
-        self._close_when_done()
-
-    # -- a request whose id the agent already knows: answered, never run again
-
-    def _answer_known(self, request: TaskRequest, known: AlreadyKnown) -> None:
-        if known.task is None:
-            self._replay_from_history(request, known.task_id)
-            return
-        if known.task.request.command != request.command:
-            self._send(encode_error(used_for_another_command(request.id, known.task.request.command),
-                                    list(request.command), request.id))
-            return
-        known.task.hold()
-        if isinstance(known.task.sink, StdoutCollector):
-            known.task.sink.share()
-        self._wait_for(known.task, request)
-
-    def _replay_from_history(self, request: TaskRequest, task_id: str) -> None:
-        if self._history is None:  # pragma: no cover - the agent always has one
-            self._send(encode_error(f"id {request.id!r} was used before", list(request.command),
-                                    request.id))
-            return
-        self._replaying += 1
-        found = self._history.get(task_id)
-        found.addCallback(self._send_replay, request)
-        found.addErrback(self._replay_failed, request)
-        found.addBoth(self._replay_done)
+                                                    task.request.id))
 
     def _send_replay(self, record, request: TaskRequest) -> None:
+        """The ended task's result as the original client got it (the history keeps the
+        stdout of every task with an id), marked "replayed"."""
         if self._gone:
             return
-        command = list(request.command)
-        if record is None:  # pruned in between: it is no longer known
-            self._send(encode_error(f"id {request.id!r} was used by a task since removed "
-                                    "from the history", command, request.id))
-        elif record.command != request.command:
-            self._send(encode_error(used_for_another_command(request.id, record.command),
-                                    command, request.id))
-        else:
-            stdout, dropped = spooled_stdout(self._history, record)
-            extra = {"replayed": True, **({"output_dropped": dropped} if dropped else {})}
-            self._lines.stream(encode_result_pieces(command, recorded_outcome(record), stdout,
-                                                    request.id, extra))
+        if record is None:  # removed from the history the moment it ended
+            raise KeyForgotten(request.id)
+        stdout, dropped = spooled_stdout(self._engine.history, record)
+        extra = {"replayed": True, **({"output_dropped": dropped} if dropped else {})}
+        self._lines.stream(encode_result_pieces(list(request.command), recorded_outcome(record),
+                                                stdout, request.id, extra))
 
     def _replay_failed(self, failure, request: TaskRequest) -> None:
+        if failure.check(Refused):
+            return self._refused(failure, request)
         log.failure("answering a repeated id {id!r} from the history", failure, id=request.id)
         self._send(encode_error("the task history cannot be read; try again",
                                 list(request.command), request.id))
 
-    def _replay_done(self, _) -> None:
-        self._replaying -= 1
+    def _answered(self, _) -> None:
+        self._answering -= 1
         self._close_when_done()
 
     def _send(self, line: bytes) -> None:
@@ -194,7 +182,7 @@ class TaskLineProtocol(LineReceiver):
 
     def readConnectionLost(self):
         self._read_closed = True
-        if self._pending or self._replaying:
+        if self._answering:
             self._probe = LoopingCall(self._probe_peer)
             self._probe.clock = self._clock
             self._probe.start(PROBE_INTERVAL, now=False)
@@ -209,7 +197,7 @@ class TaskLineProtocol(LineReceiver):
         self.transport.loseConnection()
 
     def _close_when_done(self) -> None:
-        if self._read_closed and not self._pending and not self._replaying:
+        if self._read_closed and not self._answering:
             self._stop_probing()
             self.transport.loseConnection()
 
@@ -235,22 +223,17 @@ class TaskLineFactory(Factory):
     noisy = False
 
     def __init__(self, engine: Engine, lane: Lane, timeout_unit: str = "s",
-                 max_line: int = 1 << 20, clock=None, max_output: int | None = None,
-                 history=None):
-        """history (the store): answers a request whose id names an ended task."""
-        if clock is None:
-            from twisted.internet import reactor as clock
+                 max_line: int = 1 << 20, *, clock: IReactorTime, max_output: int | None = None):
         self.engine = engine
         self.lane = lane
         self.timeout_unit = timeout_unit
         self.max_line = max_line
         self.max_output = max_output
-        self.history = history
         self.clock = clock
 
     def buildProtocol(self, addr):
         protocol = TaskLineProtocol(self.engine, self.lane, self.timeout_unit, self.max_line,
-                                    self.clock, self.max_output, self.history)
+                                    self.clock, self.max_output)
         protocol.factory = self
         return protocol
 

@@ -7,32 +7,19 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
 import re
-from dataclasses import dataclass
 from json.encoder import encode_basestring
 from typing import Any, Iterable, Iterator
 
+from agent.core import request
 from agent.core.outcome import Outcome
+from agent.core.request import TaskRequest
 
 TIMEOUT_UNITS = {"s": 1.0, "ms": 0.001}
-
-LIMIT_NAMES = ("cpu_s", "memory_mb", "nofile")
-"""Per-task resource limits a request may ask for (see agent.runner.spawn.RLIMITS)."""
 
 BUSY_ERROR = "cannot allow concurrent executions"
 SHUTTING_DOWN_ERROR = "agent shutting down"
 TIMEOUT_ERROR = "timeout exceeded"
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    """One validated request: an argv, a timeout in seconds (None = none), an optional id."""
-
-    command: tuple[str, ...]
-    timeout: float | None = None
-    id: str | None = None
-    limits: tuple[tuple[str, int], ...] = ()
 
 
 class BadRequest(ValueError):
@@ -72,86 +59,39 @@ def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:
         obj = json.loads(text)
     except ValueError as e:
         raise BadRequest(f"request is not valid JSON: {e}")
+    except RecursionError:
+        raise BadRequest("request is nested too deeply to be a task request") from None
     if not isinstance(obj, dict):
-        raise BadRequest(f"request must be a JSON object, not {_json_type(obj)}")
-    request_id = _parse_id(obj)
+        raise BadRequest(f"request must be a JSON object, not {request.json_type(obj)}")
+    try:
+        request_id = request.task_id(obj.get("id"))
+    except request.InvalidRequest as e:
+        raise BadRequest(e.message) from None
     command = obj.get("command")
     try:
         return TaskRequest(
             command=_parse_command(command),
-            timeout=parse_timeout(obj.get("timeout"), timeout_unit),
+            timeout=request.timeout_seconds(obj.get("timeout"), TIMEOUT_UNITS[timeout_unit]),
             id=request_id,
-            limits=parse_limits(obj.get("limits")),
+            limits=request.limits(obj.get("limits")),
         )
-    except BadRequest as e:
+    except request.InvalidRequest as e:
         raise BadRequest(e.message, command=command, id=request_id) from None
-
-
-MAX_ID = 1024
-"""Longest id: every id is kept in memory as an idempotency key while its task is in the history."""
-
-
-def _parse_id(obj: dict) -> str | None:
-    request_id = obj.get("id")
-    if request_id is None:
-        return None
-    if not isinstance(request_id, str):
-        raise BadRequest(f'"id" must be a string, not {_json_type(request_id)}')
-    if len(request_id) > MAX_ID:
-        raise BadRequest(f'"id" must be at most {MAX_ID} characters, not {len(request_id)}')
-    return request_id
 
 
 def _parse_command(command: Any) -> tuple[str, ...]:
     if command is None:
-        raise BadRequest('"command" is missing')
+        raise request.InvalidRequest('"command" is missing')
     if not isinstance(command, list):
-        raise BadRequest(f'"command" must be a list of strings, not {_json_type(command)}')
+        raise request.InvalidRequest(
+            f'"command" must be a list of strings, not {request.json_type(command)}')
     if not command:
-        raise BadRequest('"command" must not be empty')
+        raise request.InvalidRequest('"command" must not be empty')
     for index, arg in enumerate(command):
-        if not isinstance(arg, str):
-            raise BadRequest(f'"command"[{index}] must be a string, not {_json_type(arg)}')
-        if "\0" in arg:
-            raise BadRequest(f'"command"[{index}] contains a NUL character')
+        request.argv_item(arg, f'"command"[{index}]')
     if not command[0]:
-        raise BadRequest('"command"[0] must not be empty')
+        raise request.InvalidRequest('"command"[0] must not be empty')
     return tuple(command)
-
-
-def parse_timeout(timeout: Any, unit: str) -> float | None:
-    """0 or missing means no timeout; anything else is converted to seconds."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise BadRequest(f'"timeout" must be a number, not {_json_type(timeout)}')
-    if not math.isfinite(timeout) or timeout < 0:
-        raise BadRequest(f'"timeout" must be a non-negative number, not {timeout!r}')
-    if timeout == 0:
-        return None
-    return timeout * TIMEOUT_UNITS[unit]
-
-
-def parse_limits(limits: Any) -> tuple[tuple[str, int], ...]:
-    """{"cpu_s": N, "memory_mb": N, "nofile": N}, each optional, as sorted pairs."""
-    if limits is None:
-        return ()
-    if not isinstance(limits, dict):
-        raise BadRequest(f'"limits" must be an object, not {_json_type(limits)}')
-    pairs = []
-    for name, value in sorted(limits.items()):
-        if name not in LIMIT_NAMES:
-            raise BadRequest(f'"limits" has unknown key {name!r}; known: {", ".join(LIMIT_NAMES)}')
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BadRequest(f'"limits.{name}" must be a positive integer, not {value!r}')
-        pairs.append((name, value))
-    return tuple(pairs)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
 
 
 def encode_result(command: Any, outcome: Outcome, output: str | None,
@@ -240,4 +180,7 @@ def encode_error(message: str, command: Any = None, request_id: str | None = Non
 def _line(result: dict[str, Any], request_id: str | None) -> bytes:
     if request_id is not None:
         result["id"] = request_id
-    return json.dumps(result, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8") + b"\n"
+    try:
+        return json.dumps(result, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate echoed back: JSON's \u escape still carries it
+        return json.dumps(result, separators=(", ", ": ")).encode("ascii") + b"\n"

@@ -6,7 +6,6 @@ import re
 import pytest_twisted
 
 from agent.history.store import STATES
-from agent.doors.http.api import routes
 from agent.doors.http.body import TASK_FIELDS
 from agent.doors.http.openapi import document
 from tests.webapi import TOKEN, api  # noqa: F401
@@ -20,12 +19,12 @@ def _operations(spec) -> set[tuple[str, str]]:
 
 
 def test_documented_operations_are_exactly_the_routes(api):
-    served = {(route.method, route.pattern) for route in routes(api.engine, api.store, api.lane)}
+    served = {(route.method, route.pattern) for route in api.site.resource.routes}
     assert _operations(SPEC) == served
 
 
 def test_only_healthz_is_documented_without_the_token(api):
-    open_routes = {(r.method, r.pattern) for r in routes(api.engine, api.store, api.lane)
+    open_routes = {(r.method, r.pattern) for r in api.site.resource.routes
                    if not r.auth}
     assert open_routes == {("GET", "/healthz")}
     assert SPEC["paths"]["/healthz"]["get"]["security"] == []

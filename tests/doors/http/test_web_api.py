@@ -10,7 +10,7 @@ import treq
 from twisted.internet import reactor
 
 from agent.doors.tcp.protocol import TaskLineFactory
-from agent.core.engine import Lane
+from agent.core.lanes import Lane
 from tests.procs import group_members
 from tests.webapi import TOKEN, api, eventually, group_alive, make_api, sleep  # noqa: F401
 
@@ -309,14 +309,21 @@ async def test_history_pages_newest_first_and_filters_by_state(api):
 
 @pytest_twisted.ensureDeferred
 async def test_tcp_tasks_appear_in_the_history_with_their_argv(api):
-    newest = await _tcp_task(api, b'{"command": ["echo", "via", "tcp"], "id": "j1"}\n')
+    newest = await _tcp_task(api, b'{"command": ["echo", "via", "tcp"]}\n')
     assert (newest["command"], newest["source"], newest["state"]) == \
         (["echo", "via", "tcp"], "tcp", "succeeded")
-    assert newest["request_id"] == "j1"
     assert (newest["stdout_bytes"], newest["stdout_dropped"]) == (8, 8), \
-        "counted; the output itself went to the TCP client"
+        "counted; without an id the output only went to the TCP client"
     out = await api.request("GET", f"/tasks/{newest['id']}/output")
     assert await out.text() == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_task_with_an_id_keeps_its_stdout_for_a_retry(api):
+    newest = await _tcp_task(api, b'{"command": ["echo", "via", "tcp"], "id": "j1"}\n')
+    assert (newest["request_id"], newest["stdout_bytes"], newest["stdout_dropped"]) == ("j1", 8, 0)
+    out = await api.request("GET", f"/tasks/{newest['id']}/output")
+    assert await out.text() == "via tcp\n"
 
 
 @pytest_twisted.ensureDeferred

@@ -6,7 +6,7 @@ import io
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.doors.tcp.wire import TaskRequest
+from agent.core.request import TaskRequest
 from agent.doors.http.body import MAX_BODY, CappedContent, TaskSpec, parse_task, read_json
 from agent.doors.http.errors import ApiError, BadRequest, PayloadTooLarge, Unprocessable
 

@@ -10,8 +10,8 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, globalLogPublisher
 
-from agent.core.engine import Lane
-from agent.doors.tcp.wire import TaskRequest
+from agent.core.lanes import Lane
+from agent.core.request import TaskRequest
 from agent.doors.http.tasks import Discard
 from tests.webapi import TOKEN, api, make_api  # noqa: F401
 

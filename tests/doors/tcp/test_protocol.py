@@ -8,7 +8,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.core.engine import Lane
+from agent.core.lanes import Lane
 from agent.doors.tcp.protocol import PROBE_INTERVAL, TaskLineFactory
 from tests.fakes import FakeHost, exit_with
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 
-from agent.core.engine import Lane
+from agent.core.lanes import Lane
 from agent.doors.tcp.wire import looks_like_http
 from agent.doors.tcp.protocol import TaskLineFactory
 from tests.fakes import FakeHost, exit_with

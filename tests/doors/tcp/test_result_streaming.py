@@ -13,7 +13,7 @@ from agent.doors.tcp.wire import encode_result, encode_result_pieces, escape_out
 from agent.core.outcome import Ending, Outcome
 from agent.runner.process import StdoutCollector
 from agent.doors.tcp.protocol import STREAM_ABOVE
-from agent.core.engine import Lane
+from agent.core.lanes import Lane
 from agent.doors.tcp.protocol import TaskLineFactory
 from tests.fakes import FakeHost, exit_with
 
