@@ -15,6 +15,7 @@ from twisted.python import usage
 from agent.core.engine import Engine, Lane
 from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
+from agent.runner.procinfo import kill_left_behind, proc_stat
 from agent.memory import BurstRelease
 from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR, TIMEOUT_UNITS
 from agent.runner.process import CLEANUP_DEADLINE
@@ -226,7 +227,8 @@ def makeService(options: Options, reactor=None) -> AgentService:
     engine = Engine(reactor)
     engine.log_tasks = options["log-tasks"]
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
-                  keep_tcp_output=bool(options["keep-tcp-output"]))
+                  keep_tcp_output=bool(options["keep-tcp-output"]),
+                  identify=proc_stat, end_left_behind=kill_left_behind)
     engine.observers.append(store.observe)
     engine.cleanup_observers.append(store.observe_cleanup)
     engine.history_lookup = store.task_for_key

@@ -16,8 +16,8 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from agent.core.engine import Engine, Lane
-from agent.history.store import Store
 from agent.doors.http.api import make_site
+from tests.history.stores import new_store
 from tests.procs import processes_where
 
 TOKEN = "test-token-123"
@@ -27,7 +27,7 @@ class LiveApi:
     def __init__(self, data_dir: Path, max_running: int = 8, max_log_bytes: int = 1 << 20,
                  kill_grace: float = 5.0, keep_tcp_output: bool = False):
         self.engine = Engine(reactor)
-        self.store = Store(data_dir, reactor, max_log_bytes, keep_tcp_output).open()
+        self.store = new_store(data_dir, max_log_bytes, keep_tcp_output).open()
         self.store.start()
         self.engine.observers.append(self.store.observe)
         self.engine.cleanup_observers.append(self.store.observe_cleanup)

@@ -22,13 +22,13 @@ import threading
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from agent.history import retention
-from agent.runner import procinfo
 from agent.history.keyindex import KeyIndex
 from agent.core.outcome import Ending
 from agent.history.spool import StreamReader, TaskOutput, size_on_disk
@@ -41,6 +41,20 @@ _STATE_OF_ENDING = {Ending.TIMED_OUT: "timed_out", Ending.CANCELLED: "cancelled"
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 LOST_RUNNING = "the agent stopped while the task was running"
 LOST_QUEUED = "the agent stopped before the task started"
+
+
+class ProcessIdentity(Protocol):
+    """What tells a process from a later one given the same PID (agent.runner.procinfo.ProcStat)."""
+
+    start_time: int
+    session: int
+
+
+Identify = Callable[[int], "ProcessIdentity | None"]
+"""A live process's identity by PID, None once it is gone."""
+
+EndLeftBehind = Callable[[list[tuple[int, int, int]]], list[int]]
+"""Ends each (pgid, start_time, session) group still the recorded task's; the pgids it ended."""
 
 
 class DataDirInUse(Exception):
@@ -150,14 +164,14 @@ _STATE, _PID, _PROC_START = _COLUMNS.index("state"), _COLUMNS.index("pid"), _COL
 _CLEANUP = _COLUMNS.index("cleanup")
 
 
-def _with_identity(row: tuple) -> tuple:
+def _with_identity(row: tuple, identify: Identify) -> tuple:
     """A running task's row gets its process's start time and session, read from /proc when
     the row is written: a task that ended before then needs none, so short tasks cost no read.
     The task is recorded as ended when its child is reaped (or at most the drain grace later),
     so the PID is still the child's, or gone, never yet another process's."""
     if row[_STATE] != "running" or not row[_PID]:
         return row
-    stat = procinfo.proc_stat(row[_PID])
+    stat = identify(row[_PID])
     if stat is None:
         return row
     return (*row[:_PROC_START], stat.start_time, stat.session, *row[_PROC_START + 2:])
@@ -224,9 +238,10 @@ class _SerialDatabase:
     _FLUSH = object()
     _CLOSE = object()
 
-    def __init__(self, connection: sqlite3.Connection, reactor, write_delay: float = WRITE_DELAY,
-                 max_waiting: int = MAX_WAITING):
+    def __init__(self, connection: sqlite3.Connection, reactor, identify: Identify,
+                 write_delay: float = WRITE_DELAY, max_waiting: int = MAX_WAITING):
         self._connection = connection
+        self._identify = identify
         self._reactor = reactor
         self._write_delay = write_delay
         self._max_waiting = max_waiting
@@ -365,7 +380,8 @@ class _SerialDatabase:
         if rows:
             try:
                 with self._connection:
-                    self._connection.executemany(_UPSERT, map(_with_identity, rows.values()))
+                    self._connection.executemany(
+                        _UPSERT, [_with_identity(row, self._identify) for row in rows.values()])
             except Exception:
                 self._put_back(rows)
                 raise
@@ -416,11 +432,18 @@ class Store:
     """The history of every task, and the output each one wrote."""
 
     def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20,
-                 keep_tcp_output: bool = False):
+                 keep_tcp_output: bool = False, *, identify: Identify,
+                 end_left_behind: EndLeftBehind):
         """keep_tcp_output: spool TCP tasks' output too. Off, their records count the bytes
         (all reported dropped): the TCP client already has them, and a busy scheduler's
-        output would double the agent's I/O and fill the disk with copies."""
+        output would double the agent's I/O and fill the disk with copies.
+
+        identify and end_left_behind are the runner's (agent.runner.procinfo): the history
+        records which process a running task is and, after a crash, has what is left of it
+        ended, without knowing how processes are read or killed."""
         self._reactor = reactor
+        self._identify = identify
+        self._end_left_behind = end_left_behind
         self._keep_tcp_output = keep_tcp_output
         self._data_dir = Path(data_dir)
         self._output_root = str(self._data_dir / "output")
@@ -447,14 +470,15 @@ class Store:
         self._data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self._data_dir / "lock")
         connection = _connect(self._data_dir / "history.sqlite3")
-        self.recovered = _recover(connection, self._data_dir, self._reactor.seconds())
+        self.recovered = _recover(connection, self._data_dir, self._reactor.seconds(),
+                                  self._end_left_behind)
         if not _take_clean_stop_mark(self._data_dir):  # the last run was killed
             _sweep_orphan_output(connection, self._data_dir / "output")
         self._keys.load(connection.execute(
             "SELECT request_id, id FROM tasks WHERE request_id IS NOT NULL "
             "AND request_id != '' ORDER BY seq"))
         retention.prepare(connection)
-        self._database = _SerialDatabase(connection, self._reactor)
+        self._database = _SerialDatabase(connection, self._reactor, self._identify)
         return self
 
     def start(self) -> None:
@@ -726,7 +750,8 @@ def _add_missing_columns(connection: sqlite3.Connection) -> None:
                 connection.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
 
-def _recover(connection: sqlite3.Connection, data_dir: Path, now: float) -> list[str]:
+def _recover(connection: sqlite3.Connection, data_dir: Path, now: float,
+             end_left_behind: EndLeftBehind) -> list[str]:
     """Mark tasks a dead agent left queued or running as lost, and kill what is left of them.
 
     Runs once at start, before the agent serves anything, so it may block.
@@ -739,7 +764,7 @@ def _recover(connection: sqlite3.Connection, data_dir: Path, now: float) -> list
         return []
     groups = [(pid, start, session) for _, state, pid, start, session in rows
               if state == "running" and pid and start is not None and session is not None]
-    killed = procinfo.kill_left_behind(groups)
+    killed = end_left_behind(groups)
     with connection:
         for task_id, state, *_ in rows:
             out, out_dropped = size_on_disk(data_dir / "output" / task_id, 1)

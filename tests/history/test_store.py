@@ -9,14 +9,14 @@ import threading
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
 from agent.core.engine import Lane
 from agent.doors.tcp.wire import TaskRequest
 from agent.runner.process import StdoutCollector
 from agent.runner.procinfo import ProcStat, is_still_the_task, proc_stat
-from agent.history.store import LOST_QUEUED, LOST_RUNNING, DataDirInUse, Store
+from agent.history.store import LOST_QUEUED, LOST_RUNNING, DataDirInUse
 from tests.fakes import FakeHost, exit_with
+from tests.history.stores import new_store
 from tests.procs import group_members, wait_until_empty
 
 
@@ -28,7 +28,7 @@ class Harness:
         host.clock.advance(1_700_000_000)
         self.host = host
         self.clock, self.spawn, self.engine = host.clock, host.spawn, host.engine
-        self.store = Store(data_dir, reactor, max_log_bytes).open()
+        self.store = new_store(data_dir, max_log_bytes).open()
         self.engine.observers.append(self.store.observe)
         self.engine.cleanup_observers.append(self.store.observe_cleanup)
         self.engine.output_taps.append(self.store.tap)
@@ -149,7 +149,7 @@ async def test_a_history_from_an_older_agent_gains_the_new_columns(tmp_path):
         "('" + "a" * 32 + "', 'tcp', '[\"true\"]', 'succeeded', 1.0, 0, '', 0, 0, 0, 0);")
     old.commit()
     old.close()
-    store = Store(data, reactor).open()
+    store = new_store(data).open()
     store.start()
     try:
         record = await store.get("a" * 32)
@@ -271,12 +271,12 @@ async def test_tasks_live_when_the_agent_died_are_lost_on_the_next_start(tmp_pat
 
 def test_a_second_agent_cannot_share_a_data_dir(harness, tmp_path):
     with pytest.raises(DataDirInUse):
-        Store(tmp_path / "data", reactor).open()
+        new_store(tmp_path / "data").open()
 
 
 def _create_history(data_dir):
     """The schema on disk and no agent holding it, as after a crash."""
-    store = Store(data_dir, reactor).open()
+    store = new_store(data_dir).open()
     store._database._connection.close()
     os.close(store._lock_fd)
 
@@ -289,12 +289,12 @@ async def test_output_no_record_points_to_is_removed_at_start(tmp_path):
     for name in ("a" * 32, "b" * 32, "not-a-task"):
         (data / "output" / name).mkdir(parents=True)
         (data / "output" / name / "1").write_bytes(b"x" * 100)
-    store = Store(data, reactor).open()  # after a run that did not stop cleanly
+    store = new_store(data).open()  # after a run that did not stop cleanly
     store.start()
     await store.close()
     assert sorted(p.name for p in (data / "output").iterdir()) == ["a" * 32, "not-a-task"]
     (data / "output" / ("c" * 32)).mkdir()
-    store = Store(data, reactor).open()  # after a clean stop: no sweep, nothing to find
+    store = new_store(data).open()  # after a clean stop: no sweep, nothing to find
     store.start()
     await store.close()
     assert ("c" * 32) in {p.name for p in (data / "output").iterdir()}
@@ -319,7 +319,7 @@ async def test_recovery_kills_the_group_a_lost_task_left_behind(tmp_path):
     try:
         stat = proc_stat(proc.pid)
         _insert_running(tmp_path / "d", proc.pid, stat.start_time, stat.session)
-        store = Store(tmp_path / "d", reactor).open()
+        store = new_store(tmp_path / "d").open()
         assert not wait_until_empty(group_members, proc.pid)
         assert proc.wait(5) == -signal.SIGKILL
         store.start()
@@ -337,7 +337,7 @@ async def test_recovery_spares_a_process_that_reused_the_pid(tmp_path):
     try:
         stat = proc_stat(proc.pid)
         _insert_running(tmp_path / "d", proc.pid, stat.start_time - 1, stat.session)
-        store = Store(tmp_path / "d", reactor).open()
+        store = new_store(tmp_path / "d").open()
         assert proc.poll() is None and len(group_members(proc.pid)) >= 2
         store.start()
         await store.close()
