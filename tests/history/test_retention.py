@@ -15,7 +15,8 @@ from agent.history import retention
 from agent.core.engine import Lane
 from agent.history.retention import PRUNE_INTERVAL, Policy, Retention, parse_size
 from agent.service import Options
-from agent.history.store import _SCHEMA, StillRunning
+from agent.history.store import StillRunning
+from agent.history.table import SCHEMA
 from tests.fakes import exit_with
 from tests.history.stores import new_store
 from tests.history.test_store import Harness, harness  # noqa: F401
@@ -277,7 +278,7 @@ async def test_a_history_from_an_older_agent_is_converted_to_incremental_vacuum(
     data = tmp_path / "d"
     data.mkdir()
     with sqlite3.connect(data / "history.sqlite3") as db:
-        db.executescript(_SCHEMA)
+        db.executescript(SCHEMA)
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
     store = new_store(data).open()
     store.start()

@@ -14,7 +14,8 @@ from agent.core.engine import Lane
 from agent.doors.tcp.wire import TaskRequest
 from agent.runner.process import StdoutCollector
 from agent.runner.procinfo import ProcStat, is_still_the_task, proc_stat
-from agent.history.store import LOST_QUEUED, LOST_RUNNING, DataDirInUse
+from agent.history.recovery import LOST_QUEUED, LOST_RUNNING
+from agent.history.store import DataDirInUse
 from tests.fakes import FakeHost, exit_with
 from tests.history.stores import new_store
 from tests.procs import group_members, wait_until_empty
