@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from agent.history import writer
 from agent.history.store import HistoryUnwritable
 from tests.fakes import exit_with
-from tests.history.test_store import Harness
+from tests.history.stores import Harness
 from tests.webapi import LiveApi, eventually
 
 
