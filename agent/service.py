@@ -22,6 +22,7 @@ from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
 from agent.runner.process import CLEANUP_DEADLINE, start_task
+from agent.runner.procinfo import kill_left_behind, proc_stat
 
 log = Logger()
 
@@ -164,7 +165,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     start: how a task's process is started (tests pass a fake spawner).
     """
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
-                  keep_tcp_output=bool(options["keep-tcp-output"]))
+                  keep_tcp_output=bool(options["keep-tcp-output"]),
+                  identify=proc_stat, end_left_behind=kill_left_behind)
     release = BurstRelease(reactor, lambda: len(engine.live))
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
                     observers=[release.observe])

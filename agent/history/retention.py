@@ -5,19 +5,15 @@ the reactor it is given, so a test drives it with a Clock). It never touches
 a queued or running task: the store hands out only ended ones, and filters
 out any it still holds in memory before anything is deleted.
 
-Everything that blocks (SQL, stat, unlink) runs on the store's thread, a
+Everything here runs on the reactor and only decides. What blocks (SQL,
+stat, unlink) is agent.history.prune, run by the store on its thread a
 batch of BATCH tasks per job, so reads and writes queued meanwhile wait for
-one batch, never for a whole prune of a large history. The functions below
-marked "store thread" are those jobs; the rest runs on the reactor.
+one batch, never for a whole prune of a large history.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import sqlite3
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twisted.application.service import Service
@@ -25,7 +21,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the store drives prune itself, and this drives the store
+    from agent.history.prune import Usage
     from agent.history.store import Store
 
 log = Logger()
@@ -41,7 +38,6 @@ SIZE_ROUNDS = 3
 are still over the limit (its estimate of what a row takes was low)."""
 
 DAY = 86400.0
-DATABASE_FILES = ("history.sqlite3", "history.sqlite3-wal", "history.sqlite3-shm")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -69,45 +65,6 @@ class Policy:
         return self.keep_days > 0 or self.keep_bytes > 0
 
 
-@dataclass(frozen=True)
-class Usage:
-    """What the data dir holds, as far as retention counts it."""
-
-    database_bytes: int
-    """history.sqlite3 and its -wal and -shm files, as they are on disk."""
-    output_bytes: int
-    """Output files, estimated from the records: the bytes each stream kept."""
-    rows: int
-
-    @property
-    def total(self) -> int:
-        return self.database_bytes + self.output_bytes
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An ended task that may be pruned, in history order."""
-
-    seq: int
-    id: str
-    kept_bytes: int
-
-
-@dataclass(frozen=True)
-class Batch:
-    candidates: list[Candidate]
-    last_seq: int | None
-    """Where the next batch starts; None when this one reached the end of the history."""
-
-
-@dataclass(frozen=True)
-class Removed:
-    ids: list[str]
-    output_bytes: int
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    """(task id, why) for each task kept because its output could not be removed."""
-
-
 @dataclass
 class Pruned:
     """One prune's account, logged when it removed anything."""
@@ -127,118 +84,6 @@ class Pruned:
     def reason(self) -> str:
         return " and ".join(why for why, n in (("age", self.by_age), ("size", self.by_size)) if n)
 
-
-# -- on the store thread
-
-def prepare(connection: sqlite3.Connection) -> None:
-    """Let deleted rows give their pages back to the file system (store thread, or at open).
-
-    auto_vacuum = INCREMENTAL keeps a map of free pages that
-    `PRAGMA incremental_vacuum` truncates off the file in a moment; it only
-    applies to a database created with it, so a history from before is
-    converted once with VACUUM (a rewrite: seconds for 100,000 tasks, once).
-    """
-    if connection.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-        return
-    connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    try:
-        connection.execute("VACUUM")
-    except sqlite3.Error as e:  # it needs room for a copy: on a full disk it must not stop the agent
-        log.warn("cannot convert the history to incremental vacuum ({why}): pruning will free "
-                 "pages for reuse but not shrink the file", why=str(e))
-
-
-def measure(connection: sqlite3.Connection, data_dir: Path, ended: tuple[str, ...]) -> Usage:
-    """Database files by stat, ended tasks' output by their records: one scan, no directory walk."""
-    marks = ", ".join("?" * len(ended))
-    rows, kept = connection.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN state IN ({marks}) THEN "
-        f"stdout_bytes - stdout_dropped + stderr_bytes - stderr_dropped END), 0) FROM tasks",
-        ended).fetchone()
-    return Usage(database_bytes(data_dir), kept, rows)
-
-
-def database_bytes(data_dir: Path) -> int:
-    total = 0
-    for name in DATABASE_FILES:
-        try:
-            total += os.stat(data_dir / name).st_size
-        except FileNotFoundError:
-            pass
-    return total
-
-
-def candidates(connection: sqlite3.Connection, ended: tuple[str, ...], after_seq: int, limit: int,
-               finished_before: float | None = None) -> Batch:
-    """Ended tasks in history order (oldest first) after after_seq; by primary key, no sort."""
-    marks = ", ".join("?" * len(ended))
-    where, args = ["seq > ?", f"state IN ({marks})"], [after_seq, *ended]
-    if finished_before is not None:
-        where.append("COALESCE(finished_at, created_at) < ?")
-        args.append(finished_before)
-    rows = connection.execute(
-        f"SELECT seq, id, stdout_bytes - stdout_dropped + stderr_bytes - stderr_dropped "
-        f"FROM tasks WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
-    return Batch([Candidate(*row) for row in rows], rows[-1][0] if len(rows) == limit else None)
-
-
-def remove(connection: sqlite3.Connection, output_root: Path, ended: tuple[str, ...],
-           task_ids: list[str]) -> Removed:
-    """Delete ended tasks' output directories, then their rows, in one transaction.
-
-    Output goes first: an agent killed in between leaves rows whose output is
-    gone, which the next prune takes again, rather than directories no row
-    points to any more, which nothing would ever remove.
-    """
-    if not task_ids:
-        return Removed([], 0)
-    marks = ", ".join("?" * len(ended))
-    still_ended = [row[0] for row in connection.execute(
-        f"SELECT id FROM tasks WHERE id IN ({', '.join('?' * len(task_ids))}) "
-        f"AND state IN ({marks})", (*task_ids, *ended))]
-    gone, freed, failures = [], 0, []
-    for task_id in still_ended:
-        try:
-            freed += remove_output(output_root / task_id)
-        except OSError as e:
-            failures.append((task_id, f"{e.strerror or e}"))
-            continue
-        gone.append(task_id)
-    if gone:
-        with connection:
-            connection.execute(f"DELETE FROM tasks WHERE id IN ({', '.join('?' * len(gone))})",
-                               gone)
-    return Removed(gone, freed, failures)
-
-
-def remove_output(directory: Path) -> int:
-    """Remove a task's output directory; the bytes its files held (0 if it had none)."""
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return 0
-    freed = 0
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-            continue
-        try:
-            freed += entry.stat(follow_symlinks=False).st_size
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            pass
-    os.rmdir(directory)
-    return freed
-
-
-def compact(connection: sqlite3.Connection, data_dir: Path) -> int:
-    """Give freed pages back and empty the write-ahead log; the database's bytes after."""
-    # executescript steps each statement to its end; execute() would free a single page
-    connection.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
-    return database_bytes(data_dir)
-
-
-# -- on the reactor
 
 class _Stopped(Exception):
     """The agent is stopping: the store closes after the job in hand, so ask it nothing more."""

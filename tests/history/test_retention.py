@@ -15,9 +15,8 @@ from agent.history import retention
 from agent.core.lanes import Lane
 from agent.history.retention import PRUNE_INTERVAL, Policy, Retention, parse_size
 from agent.service import Options
-from agent.history.store import _SCHEMA, StillRunning, Store
+from agent.history.store import StillRunning
 from tests.fakes import exit_with
-from tests.history.test_store import Harness, harness  # noqa: F401
 
 DAY = 86400.0
 
@@ -269,22 +268,6 @@ async def test_pruning_shrinks_the_database_file(harness):
     await Retention(harness.store, Policy(keep_days=1, keep_bytes=0), harness.clock).prune()
     after = (await harness.store.usage()).database_bytes
     assert after < before / 2
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_history_from_an_older_agent_is_converted_to_incremental_vacuum(tmp_path):
-    data = tmp_path / "d"
-    data.mkdir()
-    with sqlite3.connect(data / "history.sqlite3") as db:
-        db.executescript(_SCHEMA)
-        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
-    store = Store(data, reactor).open()
-    store.start()
-    try:
-        mode = await store._database.run(lambda c: c.execute("PRAGMA auto_vacuum").fetchone()[0])
-        assert mode == 2
-    finally:
-        await store.close()
 
 
 # -- options

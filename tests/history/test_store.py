@@ -1,47 +1,12 @@
 """The history: every engine task recorded off the reactor thread, readable at once, kept across restarts."""
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import threading
-
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
 from agent.core.lanes import Lane
-from agent.core.request import TaskRequest
-from agent.runner.process import StdoutCollector
-from agent.runner.procinfo import ProcStat, is_still_the_task, proc_stat
-from agent.history.store import LOST_QUEUED, LOST_RUNNING, DataDirInUse, Store
-from tests.fakes import FakeHost, exit_with
-from tests.procs import group_members, wait_until_empty
-
-
-class Harness:
-    """An engine on a Clock with fake children (tests.fakes.FakeHost), feeding a real Store."""
-
-    def __init__(self, data_dir, max_log_bytes=1 << 20):
-        self.store = Store(data_dir, reactor, max_log_bytes).open()
-        host = FakeHost(self.store)
-        host.clock.advance(1_700_000_000)
-        self.host = host
-        self.clock, self.spawn, self.engine = host.clock, host.spawn, host.engine
-        self.store.start()
-
-    def submit(self, *argv, lane=None, timeout=None, source="http"):
-        return self.engine.submit(TaskRequest(tuple(argv), timeout), lane or Lane(0),
-                                  StdoutCollector(), source=source)
-
-
-@pytest.fixture
-def harness(tmp_path):
-    h = Harness(tmp_path / "data")
-    yield h
-    if h.store._database._thread.is_alive():
-        pytest_twisted.blockon(h.store.close())
+from tests.fakes import exit_with
+from tests.history.stores import Harness
 
 
 @pytest_twisted.ensureDeferred
@@ -129,33 +94,6 @@ async def test_the_record_says_why_the_task_ended_and_whether_its_group_was_empt
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_history_from_an_older_agent_gains_the_new_columns(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    old = sqlite3.connect(data / "history.sqlite3")
-    old.executescript(
-        "CREATE TABLE tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
-        "source TEXT NOT NULL, command TEXT NOT NULL, state TEXT NOT NULL, "
-        "created_at REAL NOT NULL, started_at REAL, finished_at REAL, duration_ms REAL, "
-        "exit_code INTEGER, error TEXT, pid INTEGER, stdout_bytes INTEGER NOT NULL, "
-        "stderr_bytes INTEGER NOT NULL, stdout_dropped INTEGER NOT NULL, "
-        "stderr_dropped INTEGER NOT NULL, timeout REAL, request_id TEXT, proc_start INTEGER, "
-        "session INTEGER);"
-        "INSERT INTO tasks (id, source, command, state, created_at, exit_code, error, "
-        "stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped) VALUES "
-        "('" + "a" * 32 + "', 'tcp', '[\"true\"]', 'succeeded', 1.0, 0, '', 0, 0, 0, 0);")
-    old.commit()
-    old.close()
-    store = Store(data, reactor).open()
-    store.start()
-    try:
-        record = await store.get("a" * 32)
-    finally:
-        await store.close()
-    assert (record.state, record.reason, record.cleanup) == ("succeeded", None, None)
-
-
-@pytest_twisted.ensureDeferred
 async def test_news_after_the_end_changes_nothing_and_leaks_nothing(harness):
     t = harness.submit("echo")
     harness.spawn.protocol().childDataReceived(1, b"abc")
@@ -164,17 +102,6 @@ async def test_news_after_the_end_changes_nothing_and_leaks_nothing(harness):
     record = await harness.store.get(t.id)
     assert (record.state, record.stdout_bytes) == ("succeeded", 3)
     assert harness.store._live == {}
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_burst_of_tasks_is_written_in_a_transaction_or_two(harness):
-    statements = []
-    harness.store._database._connection.set_trace_callback(statements.append)
-    for _ in range(50):
-        harness.submit("true")
-        exit_with(harness.spawn.protocol(), 0)
-    assert len((await harness.store.list(limit=100)).records) == 50
-    assert statements.count("COMMIT") <= 2
 
 
 @pytest_twisted.ensureDeferred
@@ -211,28 +138,6 @@ async def test_unknown_or_malformed_ids_are_none(harness):
 
 
 @pytest_twisted.ensureDeferred
-async def test_database_work_never_runs_on_the_reactor_thread(harness):
-    threads = []
-    harness.store._database._connection.set_trace_callback(
-        lambda sql: threads.append(threading.current_thread().name))
-    t = harness.submit("true")
-    exit_with(harness.spawn.protocol(), 0)
-    await harness.store.get(t.id)
-    assert threads and threading.main_thread().name not in threads
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_store_thread_takes_no_signals(harness):
-    """Every task's SIGCHLD interrupting its timed wait once stalled all writes for good."""
-    await harness.store.get("0" * 32)  # the thread is up and serving
-    thread = harness.store._database._thread
-    with open(f"/proc/self/task/{thread.native_id}/status") as f:
-        blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-        assert blocked & (1 << (sig - 1)), sig
-
-
-@pytest_twisted.ensureDeferred
 async def test_close_writes_what_is_pending_and_history_survives_a_restart(tmp_path):
     first = Harness(tmp_path / "data")
     t = first.submit("echo", "hi")
@@ -244,117 +149,3 @@ async def test_close_writes_what_is_pending_and_history_survives_a_restart(tmp_p
     assert (record.state, record.command, record.stdout_bytes) == ("succeeded", ("echo", "hi"), 3)
     assert second.store.recovered == []
     await second.store.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_tasks_live_when_the_agent_died_are_lost_on_the_next_start(tmp_path):
-    first = Harness(tmp_path / "data")
-    lane = Lane(1, queue=True)
-    running = first.submit("sleep", lane=lane)
-    queued = first.submit("sleep", lane=lane)
-    first.spawn.protocol().childDataReceived(1, b"partial")
-    await first.store.get(running.id)  # on disk, as an agent killed with -9 would leave it
-    await first.store._database.close()  # as the OS closes its files when it is killed: no
-    os.close(first.store._lock_fd)       # record of what happened after this moment
-    second = Harness(tmp_path / "data")
-    assert sorted(second.store.recovered) == sorted([running.id, queued.id])
-    lost_running, lost_queued = await second.store.get(running.id), await second.store.get(queued.id)
-    assert (lost_running.state, lost_running.exit_code, lost_running.error) == ("lost", -1, LOST_RUNNING)
-    assert (lost_running.reason, lost_queued.reason) == ("lost", "lost")
-    assert lost_running.stdout_bytes == 7
-    assert (lost_queued.state, lost_queued.error) == ("lost", LOST_QUEUED)
-    await second.store.close()
-
-
-def test_a_second_agent_cannot_share_a_data_dir(harness, tmp_path):
-    with pytest.raises(DataDirInUse):
-        Store(tmp_path / "data", reactor).open()
-
-
-def _create_history(data_dir):
-    """The schema on disk and no agent holding it, as after a crash."""
-    store = Store(data_dir, reactor).open()
-    store._database._connection.close()
-    os.close(store._lock_fd)
-
-
-@pytest_twisted.ensureDeferred
-async def test_output_no_record_points_to_is_removed_at_start(tmp_path):
-    data = tmp_path / "d"
-    _create_history(data)
-    _insert_running(data, None, None, None)  # a task with a record ("a" * 32)
-    for name in ("a" * 32, "b" * 32, "not-a-task"):
-        (data / "output" / name).mkdir(parents=True)
-        (data / "output" / name / "1").write_bytes(b"x" * 100)
-    store = Store(data, reactor).open()  # after a run that did not stop cleanly
-    store.start()
-    await store.close()
-    assert sorted(p.name for p in (data / "output").iterdir()) == ["a" * 32, "not-a-task"]
-    (data / "output" / ("c" * 32)).mkdir()
-    store = Store(data, reactor).open()  # after a clean stop: no sweep, nothing to find
-    store.start()
-    await store.close()
-    assert ("c" * 32) in {p.name for p in (data / "output").iterdir()}
-
-
-def _sleeper_group():
-    return subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], process_group=0)
-
-
-def _insert_running(data_dir, pid, proc_start, session):
-    with sqlite3.connect(data_dir / "history.sqlite3") as db:
-        db.execute("INSERT INTO tasks (id, source, command, state, created_at, pid, proc_start, "
-                   "session, stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped) "
-                   "VALUES (?, 'http', '[\"sleep\"]', 'running', 0, ?, ?, ?, 0, 0, 0, 0)",
-                   ("a" * 32, pid, proc_start, session))
-
-
-@pytest_twisted.ensureDeferred
-async def test_recovery_kills_the_group_a_lost_task_left_behind(tmp_path):
-    _create_history(tmp_path / "d")
-    proc = _sleeper_group()
-    try:
-        stat = proc_stat(proc.pid)
-        _insert_running(tmp_path / "d", proc.pid, stat.start_time, stat.session)
-        store = Store(tmp_path / "d", reactor).open()
-        assert not wait_until_empty(group_members, proc.pid)
-        assert proc.wait(5) == -signal.SIGKILL
-        store.start()
-        await store.close()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@pytest_twisted.ensureDeferred
-async def test_recovery_spares_a_process_that_reused_the_pid(tmp_path):
-    _create_history(tmp_path / "d")
-    proc = _sleeper_group()
-    try:
-        stat = proc_stat(proc.pid)
-        _insert_running(tmp_path / "d", proc.pid, stat.start_time - 1, stat.session)
-        store = Store(tmp_path / "d", reactor).open()
-        assert proc.poll() is None and len(group_members(proc.pid)) >= 2
-        store.start()
-        await store.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _stat(pid, pgrp, start, session=7, zombie=False):
-    return ProcStat(pid, pgrp, session, start, zombie)
-
-
-def test_pid_reuse_guard_with_the_leader_alive():
-    assert is_still_the_task([_stat(10, 10, 500)], 10, 500, 7)
-    assert not is_still_the_task([_stat(10, 10, 900)], 10, 500, 7)
-    assert not is_still_the_task([_stat(10, 10, 500, session=8)], 10, 500, 7)
-
-
-def test_pid_reuse_guard_with_only_descendants_left():
-    assert is_still_the_task([_stat(11, 10, 600), _stat(12, 10, 700)], 10, 500, 7)
-    assert not is_still_the_task([_stat(11, 10, 400)], 10, 500, 7)
-    assert not is_still_the_task([_stat(11, 10, 600, session=9)], 10, 500, 7)
-    assert not is_still_the_task([], 10, 500, 7)

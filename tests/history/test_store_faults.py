@@ -12,10 +12,10 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from agent.history import store as store_module
+from agent.history import writer
 from agent.history.store import HistoryUnwritable
 from tests.fakes import exit_with
-from tests.history.test_store import Harness
+from tests.history.stores import Harness
 from tests.webapi import LiveApi, eventually
 
 
@@ -52,8 +52,8 @@ class FailingWrites:
 
 @pytest.fixture
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(store_module, "RETRY_FIRST", 0.02)
-    monkeypatch.setattr(store_module, "RETRY_MAX", 0.05)
+    monkeypatch.setattr(writer, "RETRY_FIRST", 0.02)
+    monkeypatch.setattr(writer, "RETRY_MAX", 0.05)
 
 
 def _fill_disk(store) -> FailingWrites:
@@ -160,7 +160,7 @@ async def test_the_log_says_once_what_is_wrong_and_then_that_it_recovered(full_d
     fault.failing = False
     await _until(lambda: harness.store.health()["writable"])
     await deferLater(reactor, 0.05, lambda: None)  # log calls travel by callFromThread
-    texts = [e.get("log_format", "") for e in log_events if e.get("log_namespace") == "agent.history.store"]
+    texts = [e.get("log_format", "") for e in log_events if e.get("log_namespace") == "agent.history.writer"]
     assert sum("cannot write the task history" in t for t in texts) == 1
     assert sum("writable again" in t for t in texts) == 1
     failure = next(e for e in log_events if "cannot write" in e.get("log_format", ""))

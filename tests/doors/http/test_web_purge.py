@@ -139,7 +139,6 @@ def _read_to_the_end(client: socket.socket) -> bytes:
 @pytest_twisted.ensureDeferred
 async def test_a_purged_tasks_idempotency_key_starts_a_new_task(api):
     """Purge calls Store._forgotten: the key no longer names a task, so it is no replay."""
-    api.engine.history_lookup = api.store.task_for_key  # as agent.service wires it
     key = {"Idempotency-Key": "nightly-42"}
     first = await api.json("POST", "/tasks", {"command": "true"}, expect=201, headers=key)
     await api.wait_for_state(first["id"], "succeeded")

@@ -1,0 +1,175 @@
+"""A task as the history records it: the record, its states, and the row it is stored as.
+
+Rows are plain tuples in COLUMNS order, built on the reactor for every state
+change of every task and written later by the writer thread; this module is
+the only one that knows which column sits where.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Protocol
+
+from agent.core.outcome import Ending
+from agent.history.spool import TaskOutput
+
+STATES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost")
+ENDED_STATES = frozenset(STATES[2:])
+ENDED = tuple(sorted(ENDED_STATES))
+"""The ended states in a fixed order, as SQL parameters."""
+_STATE_OF_ENDING = {Ending.TIMED_OUT: "timed_out", Ending.CANCELLED: "cancelled"}
+TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ProcessIdentity(Protocol):
+    """What tells a process from a later one given the same PID (agent.runner.procinfo.ProcStat)."""
+
+    start_time: int
+    session: int
+
+
+Identify = Callable[[int], "ProcessIdentity | None"]
+"""A live process's identity by PID, None once it is gone: the runner's, handed in."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task as the history knows it; times are UNIX seconds."""
+
+    id: str
+    source: str
+    command: tuple[str, ...]
+    state: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration_ms: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    pid: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+    timeout: float | None = None
+    request_id: str | None = None
+    proc_start: int | None = None
+    """/proc start time of pid, with session: tells our group from a later one that reused the PID."""
+    session: int | None = None
+    reason: str | None = None
+    """Why it ended: an agent.core.outcome.Ending value, or 'lost'; None while it runs
+    (and for tasks recorded before the agent kept reasons)."""
+    signal: int | None = None
+    """The signal that killed it, when the agent did not send it."""
+    cleanup: str | None = None
+    """'complete' once its process group was verified empty, 'incomplete' if a
+    member survived repeated SIGKILL; None until known."""
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[TaskRecord]
+    next: str | None
+    """The cursor for the following page, None on the last one."""
+
+
+COLUMNS = tuple(f.name for f in fields(TaskRecord))
+_STATE, _PID, _PROC_START = COLUMNS.index("state"), COLUMNS.index("pid"), COLUMNS.index("proc_start")
+_CLEANUP = COLUMNS.index("cleanup")
+
+
+class Live:
+    """What the store keeps in memory for a task while it is queued or running."""
+
+    __slots__ = ("created_at", "command_json", "output")
+
+    def __init__(self, created_at: float, command_json: str, output: TaskOutput):
+        self.created_at = created_at
+        self.command_json = command_json
+        self.output = output
+
+
+def row_of(task, live: Live, now: float) -> tuple:
+    """An engine task as a row in COLUMNS order, built straight from its attributes:
+    this runs on the reactor for every state change of every task, TCP ones included."""
+    runner, outcome = task.runner, task.outcome
+    pid = started_at = finished_at = duration_ms = exit_code = error = reason = signal = None
+    if runner is not None:
+        pid, started_at = runner.pid, runner.started_at
+    if outcome is not None:
+        exit_code, error, duration_ms = outcome.exit_code, outcome.error, outcome.duration_ms
+        reason, signal = outcome.ending.value, outcome.signal
+        if outcome.started:
+            pid, started_at = outcome.pid, outcome.started_at
+            finished_at = started_at + duration_ms / 1000.0
+        else:
+            pid = started_at = None
+            finished_at = now
+    (out, out_dropped), (err, err_dropped) = live.output.size(1), live.output.size(2)
+    request = task.request
+    return (task.id, task.source, live.command_json, state_of(task), live.created_at,
+            started_at, finished_at, duration_ms, exit_code, error, pid,
+            out, err, out_dropped, err_dropped, request.timeout, request.id, None, None,
+            reason, signal, task.cleanup)
+
+
+def with_identity(row: tuple, identify: Identify) -> tuple:
+    """A running task's row gets its process's start time and session, read from /proc when
+    the row is written: a task that ended before then needs none, so short tasks cost no read.
+    The task is recorded as ended when its child is reaped (or at most the drain grace later),
+    so the PID is still the child's, or gone, never yet another process's."""
+    if row[_STATE] != "running" or not row[_PID]:
+        return row
+    stat = identify(row[_PID])
+    if stat is None:
+        return row
+    return (*row[:_PROC_START], stat.start_time, stat.session, *row[_PROC_START + 2:])
+
+
+def with_cleanup(row: tuple, cleanup: str) -> tuple:
+    """An ended task's row, completed with whether its process group was emptied."""
+    return (*row[:_CLEANUP], cleanup, *row[_CLEANUP + 1:])
+
+
+def row_has_ended(row: tuple) -> bool:
+    return row[_STATE] in ENDED_STATES
+
+
+def from_row(row: tuple) -> tuple[int, TaskRecord]:
+    """(seq, record) from a row read as seq followed by COLUMNS."""
+    values = dict(zip(COLUMNS, row[1:]))
+    values["command"] = tuple(json.loads(values["command"]))
+    return row[0], TaskRecord(**values)
+
+
+def record_of(row: tuple) -> TaskRecord:
+    """The record a row not yet written describes."""
+    return from_row((None, *row))[1]
+
+
+def state_of(task) -> str:
+    """The history's word for an engine task's state."""
+    if task.state != "finished":
+        return task.state
+    outcome = task.outcome
+    if outcome.ending is Ending.EXITED:
+        return "succeeded" if outcome.exit_code == 0 else "failed"
+    return _STATE_OF_ENDING.get(outcome.ending, "failed")
+
+
+def with_sizes(record: TaskRecord, output: TaskOutput) -> TaskRecord:
+    """A running task's byte counts move faster than its record: these are the spool's."""
+    (out, out_dropped), (err, err_dropped) = output.size(1), output.size(2)
+    return replace(record, stdout_bytes=out, stderr_bytes=err,
+                   stdout_dropped=out_dropped, stderr_dropped=err_dropped)
+
+
+def kept_bytes(output: TaskOutput) -> int:
+    """The bytes a spool holds on disk, as retention counts an ended task's from its record."""
+    (out, out_dropped), (err, err_dropped) = output.size(1), output.size(2)
+    return out - out_dropped + err - err_dropped
