@@ -63,11 +63,11 @@ def parse_request(line: bytes, timeout_unit: str = "s") -> TaskRequest:
         raise BadRequest("request is nested too deeply to be a task request") from None
     if not isinstance(obj, dict):
         raise BadRequest(f"request must be a JSON object, not {request.json_type(obj)}")
+    command = obj.get("command")
     try:
         request_id = request.task_id(obj.get("id"))
     except request.InvalidRequest as e:
-        raise BadRequest(e.message) from None
-    command = obj.get("command")
+        raise BadRequest(e.message, command=command) from None
     try:
         return TaskRequest(
             command=_parse_command(command),
