@@ -1,4 +1,5 @@
-"""A task as the history records it: the record, its states, and the row it is stored as.
+"""A task as the history records it: the record, its states, the row it is stored as,
+and the Outcome it describes: the one place that maps tasks, records and outcomes.
 
 Rows are plain tuples in COLUMNS order, built on the reactor for every state
 change of every task and written later by the writer thread; this module is
@@ -11,7 +12,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Protocol
 
-from agent.core.outcome import Ending
+from agent.core.outcome import LOST, Ending, Outcome
 from agent.history.spool import TaskOutput
 
 STATES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost")
@@ -19,6 +20,9 @@ ENDED_STATES = frozenset(STATES[2:])
 ENDED = tuple(sorted(ENDED_STATES))
 """The ended states in a fixed order, as SQL parameters."""
 _STATE_OF_ENDING = {Ending.TIMED_OUT: "timed_out", Ending.CANCELLED: "cancelled"}
+_REASON_OF_STATE = {"succeeded": Ending.EXITED.value, "timed_out": Ending.TIMED_OUT.value,
+                    "cancelled": Ending.CANCELLED.value, "lost": LOST}
+_ENDINGS = {ending.value: ending for ending in Ending}
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -69,6 +73,34 @@ class TaskRecord:
     @property
     def ended(self) -> bool:
         return self.state in ENDED_STATES
+
+    @property
+    def why_it_ended(self) -> tuple[str | None, int | None]:
+        """(reason, signal): one of agent.core.outcome.REASONS, None while it runs. Records
+        written before the agent kept reasons have theirs read from the state and error."""
+        if self.reason is not None or not self.ended:
+            return self.reason, self.signal
+        reason = _REASON_OF_STATE.get(self.state)
+        if reason is not None:
+            return reason, None
+        error = self.error or ""
+        if error.startswith("killed by signal") and self.exit_code and self.exit_code > 128:
+            return Ending.SIGNALLED.value, self.exit_code - 128
+        if error == "output limit exceeded":
+            return Ending.OUTPUT_LIMIT.value, None
+        return (Ending.START_FAILED if self.started_at is None else Ending.EXITED).value, None
+
+    @property
+    def outcome(self) -> Outcome:
+        """The Outcome an ended task's record describes, as the doors encode it (a replay)."""
+        reason, signal = self.why_it_ended
+        duration_ms = self.duration_ms
+        if duration_ms is None and self.started_at is not None:
+            # lost: it ran until the agent died, somewhere before finished_at
+            duration_ms = max(0.0, ((self.finished_at or self.started_at) - self.started_at) * 1000)
+        ending = _ENDINGS.get(reason, Ending.CANCELLED)  # lost: the agent's death ended it
+        return Outcome(ending, -1 if self.exit_code is None else self.exit_code, self.error or "",
+                       signal, self.pid, self.started_at, duration_ms)
 
 
 @dataclass(frozen=True)

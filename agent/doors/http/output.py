@@ -78,10 +78,6 @@ class ServerSentEvents:
         return tails + _event("end", end_summary(record))
 
 
-_REASON_OF_STATE = {"succeeded": "exited", "timed_out": "timeout", "cancelled": "cancelled",
-                    "lost": "lost"}
-
-
 def end_summary(record: TaskRecord) -> dict:
     """What the SSE end event says: the state, how and why the task ended.
 
@@ -89,24 +85,9 @@ def end_summary(record: TaskRecord) -> dict:
     output_cap, start_failed, lost); signal is set only when a signal the agent
     did not send ended it.
     """
-    reason, signal = record.reason, record.signal
-    if reason is None:
-        reason, signal = _reason_of_an_old_record(record)
+    reason, signal = record.why_it_ended
     return {"state": record.state, "reason": reason, "exit_code": record.exit_code,
             "signal": signal, "duration_ms": record.duration_ms, "error": record.error or ""}
-
-
-def _reason_of_an_old_record(record: TaskRecord) -> tuple[str, int | None]:
-    """Records written before the agent kept reasons: read it from the state and error."""
-    reason = _REASON_OF_STATE.get(record.state)
-    if reason is not None:
-        return reason, None
-    error = record.error or ""
-    if error.startswith("killed by signal") and record.exit_code and record.exit_code > 128:
-        return "signalled", record.exit_code - 128
-    if error == "output limit exceeded":
-        return "output_cap", None
-    return ("start_failed" if record.started_at is None else "exited"), None
 
 
 def _event(name: str, payload: dict, event_id: str | None = None) -> bytes:

@@ -24,7 +24,7 @@ from agent.doors.tcp.wire import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest,
                             parse_request)
 from agent.core.outcome import Outcome
 from agent.runner.process import StdoutCollector
-from agent.history.replay import recorded_outcome, spooled_stdout
+from agent.history.replay import spooled_stdout
 
 STREAM_ABOVE = 256 << 10
 """Results whose stdout is larger are encoded and sent piece by piece (see
@@ -160,7 +160,7 @@ class TaskLineProtocol(LineReceiver):
             raise KeyForgotten(request.id)
         stdout, dropped = spooled_stdout(self._engine.history, record)
         extra = {"replayed": True, **({"output_dropped": dropped} if dropped else {})}
-        self._lines.stream(encode_result_pieces(list(request.command), recorded_outcome(record),
+        self._lines.stream(encode_result_pieces(list(request.command), record.outcome,
                                                 stdout, request.id, extra))
 
     def _replay_failed(self, failure, request: TaskRequest) -> None:
