@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -15,6 +16,7 @@ from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.doors.tcp.protocol import TaskLineFactory, _describe
 from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR
+from agent.history import datadir
 from agent.history.retention import Policy, Retention
 from agent.history.store import Store
 from agent.memory import BurstRelease
@@ -193,7 +195,7 @@ def _http_site(options: Options, reactor, engine: Engine, store: Store, environ)
     from agent.doors.http.api import make_site
     from agent.doors.http.auth import load_or_create_token
 
-    os.makedirs(options["data-dir"], exist_ok=True)  # the token's default home
+    datadir.prepare(Path(options["data-dir"]))  # the token's default home
     token = load_or_create_token(options["token-file"])
     return make_site(engine, store, Lane(options["max-running"]), token, options["kill-grace"],
                      reactor, environ)

@@ -7,6 +7,7 @@ The policy that decides what goes is agent.history.retention.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
@@ -130,22 +131,47 @@ def remove(connection: sqlite3.Connection, output_root: Path, task_ids: list[str
 
 
 def remove_output(directory: Path) -> int:
-    """Remove a task's output directory; the bytes its files held (0 if it had none)."""
+    """Remove a task's output directory; the bytes its files held (0 if it had none).
+
+    Never follows a symlink: every step is relative to a descriptor opened with
+    O_NOFOLLOW, so a link planted as output/<id> (or inside it) is removed as a
+    link and what it points to is left alone."""
+    parent = os.open(directory.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return 0
-    freed = 0
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-            continue
         try:
-            freed += entry.stat(follow_symlinks=False).st_size
-            os.unlink(entry.path)
+            own = os.open(directory.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=parent)
         except FileNotFoundError:
-            pass
-    os.rmdir(directory)
+            return 0
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            log.warn("{path} is not a directory the agent made (a symlink?): removed it, "
+                     "not what it points to", path=str(directory))
+            os.unlink(directory.name, dir_fd=parent)
+            return 0
+        try:
+            freed = _empty(own)
+        finally:
+            os.close(own)
+        os.rmdir(directory.name, dir_fd=parent)
+        return freed
+    finally:
+        os.close(parent)
+
+
+def _empty(directory_fd: int) -> int:
+    freed = 0
+    with os.scandir(directory_fd) as entries:
+        for entry in list(entries):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.name, dir_fd=directory_fd)  # safe from symlinks on Linux
+                continue
+            try:
+                freed += entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.name, dir_fd=directory_fd)
+            except FileNotFoundError:
+                pass
     return freed
 
 

@@ -92,9 +92,10 @@ class StreamWriter:
     def _start_segment(self) -> None:
         self.close()
         try:
-            os.makedirs(self._directory, exist_ok=True)
+            os.makedirs(self._directory, mode=0o700, exist_ok=True)
             self._fd = os.open(os.path.join(self._directory, f"{self._name}.{self.total}"),
-                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                               0o600)
         except OSError as e:
             self._give_up(e)
             return
@@ -223,7 +224,7 @@ class StreamReader:
         later = [s for s in starts if s > start]
         try:
             self._file = os.open(os.path.join(self._directory, f"{self._name}.{start}"),
-                                 os.O_RDONLY | os.O_CLOEXEC)
+                                 os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return False  # deleted since the listing; the next read looks again
         self._file_start = start

@@ -22,7 +22,7 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
-from agent.history import lock, prune, table
+from agent.history import datadir, lock, prune, table
 from agent.history.keyindex import KeyIndex
 from agent.history.lock import DataDirInUse
 from agent.history.prune import StillRunning
@@ -78,9 +78,14 @@ class Store:
         Blocking, once, before the agent serves anything (twistd calls it from
         privilegedStartService); DataDirInUse if another agent has it.
         """
-        self._data_dir.mkdir(parents=True, exist_ok=True)
+        datadir.prepare(self._data_dir)
         self._lock_fd = lock.take(self._data_dir / "lock")
-        connection = table.connect(self._data_dir / "history.sqlite3")
+        database = self._data_dir / "history.sqlite3"
+        for path in (database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))):
+            if path == database or path.exists():
+                datadir.private_file(path)
+        datadir.private_subdir(Path(self._output_root))
+        connection = table.connect(database)
         self.recovered = recover(connection, Path(self._output_root), self._reactor.seconds(),
                                  self._end_left_behind)
         if not take_clean_stop_mark(self._data_dir):  # the last run was killed

@@ -23,7 +23,7 @@ absence at open means the last run was killed (or this is the first)."""
 
 
 def leave_clean_stop_mark(data_dir: Path) -> None:
-    (data_dir / CLEAN_STOP).touch()
+    (data_dir / CLEAN_STOP).touch(mode=0o600)
 
 
 def take_clean_stop_mark(data_dir: Path) -> bool:
