@@ -17,7 +17,7 @@ from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConf
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.lanes import Lane
 from agent.core.outcome import Ending, Outcome
-from agent.core.request import TaskRequest
+from agent.core.request import TaskRequest, for_log
 from agent.core.task import Task
 from agent.runner.process import OutputSink, start_task
 
@@ -184,7 +184,7 @@ class Engine:
         if self._log_tasks == "none" or (self._log_tasks == "failures" and outcome.succeeded):
             return
         log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
-                 id=task.request.id or task.id, argv0=task.request.command[0],
+                 id=task.request.id or task.id, argv0=for_log(task.request.command[0]),
                  ending=outcome.ending.value, exit_code=outcome.exit_code,
                  duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))
 

@@ -79,6 +79,14 @@ def text(value: str, name: str) -> str:
     return value
 
 
+def for_log(value: str) -> str:
+    """Client text as it may reach a log line: control characters escaped (\\x1b, \\n), so a
+    request can neither forge a line nor send escape sequences to an operator's terminal."""
+    if _CONTROL.search(value) is None:
+        return value
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
+
+
 def timeout_seconds(value: Any, scale: float = 1.0) -> float | None:
     """0 or missing means no timeout; anything else is a non-negative number, times scale."""
     if value is None:

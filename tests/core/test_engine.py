@@ -301,3 +301,17 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second).exit_code, 3)
         self.assertEqual(self.successResultOf(task.ended()).exit_code, 3)
 
+
+
+def test_a_commands_control_characters_never_reach_the_log_raw():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        host = FakeHost()
+        host.engine.submit(TaskRequest(("evil\n2026-01-01 [agent#info] forged\x1b[2J",)), Lane(0),
+                           StdoutCollector())
+        exit_with(host.spawn.protocol(), 0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [e for e in events if e.get("log_namespace") == "agent.core.engine" and "argv0" in e]
+    assert line["argv0"] == "evil\\n2026-01-01 [agent#info] forged\\x1b[2J"

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.engine import Engine
+from agent.core.request import for_log
 from agent.core.lanes import Lane
 from agent.core.task import Task
 from agent.history.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
@@ -163,7 +164,7 @@ class TaskEndpoints:
     def _log_start(decision: Decision) -> Decision:
         if isinstance(decision, Started):
             log.info("task {id} started over HTTP: {argv0}", id=decision.task.id,
-                     argv0=decision.task.request.command[0])
+                     argv0=for_log(decision.task.request.command[0]))
         return decision
 
     def _refused(self, failure, spec: TaskSpec):

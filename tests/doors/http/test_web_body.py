@@ -101,3 +101,28 @@ def test_any_json_is_either_a_task_or_a_client_error(body):
         return
     assert spec.request.command[0] == body["command"]
     assert all(isinstance(arg, str) for arg in spec.request.command)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"command": "echo", "args": ["\ud800"]}, '"args"[0]'),
+    ({"command": "\udfff"}, '"command"'),
+    ({"command": "x", "id": "\ud800"}, '"id"'),
+    ({"command": "x", "cwd": "/tmp/\ud800"}, '"cwd"'),
+    ({"command": "x", "env": {"A": "\ud800"}}, '"env"["A"]'),
+    ({"command": "x", "env": {"\ud800": "v"}}, '"env" variable name'),
+])
+def test_a_lone_surrogate_in_any_field_is_a_422_naming_it(body, field):
+    with pytest.raises(Unprocessable) as refused:
+        parse_task(body)
+    assert field in refused.value.message and "lone surrogate" in refused.value.message
+    refused.value.message.encode("utf-8")  # the answer itself can be sent
+
+
+def test_a_lone_surrogate_in_the_idempotency_key_header_is_a_422():
+    with pytest.raises(Unprocessable, match="Idempotency-Key header holds a lone surrogate"):
+        parse_task({"command": "x"}, "\ud800")
+
+
+def test_deeply_nested_json_is_a_400():
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        read_json(_Request(io.BytesIO(b"[" * 100_000 + b"]" * 100_000)))

@@ -186,3 +186,33 @@ class CrossProtocolTests(SynchronousTestCase):
         for line in (b'{"command": ["GET", "/", "HTTP/1.1"]}', b'["Host:"]', b'"a:b"', b"123",
                      b"null", b"hello world", b"get / http/1.1", b""):
             self.assertFalse(looks_like_http(line), line)
+
+
+class UnencodableTextTests(SynchronousTestCase):
+    """A lone surrogate is valid JSON but no argv, log or answer can carry it (issue 15)."""
+
+    def setUp(self):
+        host = FakeHost()
+        self.spawn = host.spawn
+        self.factory = TaskLineFactory(host.engine, Lane(0), "s", clock=host.clock)
+        self.proto, self.transport = self.factory.buildProtocol(None), StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def test_a_surrogate_in_the_command_or_the_id_gets_an_error_and_the_next_line_runs(self):
+        self.proto.dataReceived(b'{"command": ["echo", "\\ud800"]}\n'
+                                b'{"command": ["true"], "id": "\\udfff"}\n'
+                                b'{"command": ["true"], "id": "next"}\n')
+        lines = self.transport.value().split(b"\n")
+        first, second = json.loads(lines[0]), json.loads(lines[1])
+        self.assertIn("lone surrogate", first["error"])
+        self.assertEqual(first["command"], ["echo", "\ud800"], "echoed, as JSON escapes it")
+        self.assertIn("lone surrogate", second["error"])
+        self.assertEqual([argv for argv, _ in self.spawn.spawned], [["true"]])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_deeply_nested_json_is_a_bad_request_not_a_dropped_connection(self):
+        self.proto.dataReceived(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+        [line] = [json.loads(l) for l in self.transport.value().split(b"\n") if l]
+        self.assertEqual(line["exit_code"], -1)
+        self.assertIn("nested too deeply", line["error"])
+        self.assertFalse(self.transport.disconnecting)
