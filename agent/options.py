@@ -15,6 +15,9 @@ class Options(usage.Options):
         ["listen", "l", "tcp:3000:interface=127.0.0.1",
          "Twisted server endpoint for the TCP task protocol (tcp:3000 = all interfaces; ssl:... works)."],
         ["timeout-unit", None, "s", "Unit of a request's timeout: s or ms."],
+        ["protected-mode", None, "yes",
+         "yes: the TCP door, which has no client authentication, answers only clients on this "
+         "host even when --listen binds wider; no: it answers whoever reaches it."],
         ["parallel", "p", 1, "Tasks running at once on the whole node, across connections; 0 = unlimited.",
          int],
         ["when-busy", None, "reject",
@@ -62,6 +65,8 @@ class Options(usage.Options):
     def postOptions(self):
         if self["timeout-unit"] not in TIMEOUT_UNITS:
             raise usage.UsageError("--timeout-unit must be s or ms")
+        if self["protected-mode"] not in ("yes", "no"):
+            raise usage.UsageError("--protected-mode must be yes or no")
         if self["parallel"] < 0:
             raise usage.UsageError("--parallel must be 0 (unlimited) or more")
         if self["when-busy"] not in ("reject", "queue"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
+from agent.doors.tcp import protected as protected_mode
 from agent.doors.tcp.protocol import TaskLineFactory, _describe
 from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR
 from agent.history import datadir
@@ -133,10 +135,12 @@ class _LoggedEndpointService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint, factory, what: str, reactor):
+    def __init__(self, endpoint, factory, what: str, reactor, then=None):
+        """then(address): more to say once it listens."""
         super().__init__(endpoint, factory)
         self._what = what
         self._reactor = reactor
+        self._then = then
         self.tcp_factory = None
         self.site = None
         """The doors' factories, for whoever listens on them (tests listen on port 0)."""
@@ -148,7 +152,15 @@ class _LoggedEndpointService(StreamServerEndpointService):
     def _listening(self, port):
         self._reactor.callWhenRunning(log.info, "{what} listening on {address}", what=self._what,
                                       address=_describe(port.getHost()))
+        if self._then is not None:
+            self._reactor.callWhenRunning(self._then, port.getHost())
         return port
+
+
+def _say_how_protected(protected: bool, address) -> None:
+    note = protected_mode.starting_note(getattr(address, "host", "127.0.0.1"), protected)
+    if note is not None:
+        log.warn("{note}", note=note)
 
 
 def makeService(options: Options, reactor=None) -> AgentService:
@@ -180,10 +192,13 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
         .setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
                 max_waiting=options["max-queue"])
+    protected = options["protected-mode"] == "yes"
     agent.tcp_factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"],
-                                        clock=reactor, max_output=options["max-output-bytes"])
+                                        clock=reactor, max_output=options["max-output-bytes"],
+                                        protected=protected)
     _LoggedEndpointService(serverFromString(reactor, options["listen"]), agent.tcp_factory,
-                           "TCP task protocol", reactor).setServiceParent(agent)
+                           "TCP task protocol", reactor,
+                           then=partial(_say_how_protected, protected)).setServiceParent(agent)
     if options["http"]:
         agent.site = _http_site(options, reactor, engine, store, environ)
         _LoggedEndpointService(serverFromString(reactor, options["http"]), agent.site,

@@ -418,3 +418,17 @@ def test_a_browser_form_post_to_the_tcp_door_runs_nothing(start_agent, tmp_path)
     client.send({"command": ["true"], "id": "after"})
     assert client.receive()["exit_code"] == 0, "the door still serves real clients"
     assert not marker.exists()
+
+
+def test_bound_beyond_loopback_the_door_says_it_is_protected_and_serves_this_host(tmp_path):
+    from tests.e2e.conftest import AgentProcess
+    agent = AgentProcess(["--listen", "tcp:0:interface=0.0.0.0", "--data-dir", str(tmp_path / "d")],
+                         tmp_path)
+    try:
+        agent.wait_for_log("protected mode: the TCP door listens on 0.0.0.0")
+        client = agent.connect()
+        client.send({"command": ["echo", "local"]})
+        assert client.receive()["output"] == "local\n"
+    finally:
+        assert agent.stop() == 0
+        assert not agent.survivors()

@@ -18,6 +18,7 @@ from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
 from agent.core.task import Task
+from agent.doors.tcp import protected as protected_mode
 from agent.doors.tcp.linewriter import LineWriter
 from agent.doors.tcp.wire import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest,
                             encode_error, encode_result, encode_result_pieces, looks_like_http,
@@ -223,7 +224,11 @@ class TaskLineFactory(Factory):
     noisy = False
 
     def __init__(self, engine: Engine, lane: Lane, timeout_unit: str = "s",
-                 max_line: int = 1 << 20, *, clock: IReactorTime, max_output: int | None = None):
+                 max_line: int = 1 << 20, *, clock: IReactorTime, max_output: int | None = None,
+                 protected: bool = True):
+        """protected: answer only peers on this host (agent.doors.tcp.protected); off
+        only when the operator said so, or when the endpoint authenticates its clients."""
+        self.protected = protected
         self.engine = engine
         self.lane = lane
         self.timeout_unit = timeout_unit
@@ -232,6 +237,8 @@ class TaskLineFactory(Factory):
         self.clock = clock
 
     def buildProtocol(self, addr):
+        if self.protected and not protected_mode.is_local(addr):
+            return protected_mode.Refusal(encode_error(protected_mode.REFUSAL))
         protocol = TaskLineProtocol(self.engine, self.lane, self.timeout_unit, self.max_line,
                                     self.clock, self.max_output)
         protocol.factory = self

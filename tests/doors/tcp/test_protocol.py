@@ -216,3 +216,53 @@ class UnencodableTextTests(SynchronousTestCase):
         self.assertEqual(line["exit_code"], -1)
         self.assertIn("nested too deeply", line["error"])
         self.assertFalse(self.transport.disconnecting)
+
+
+class ProtectedModeTests(SynchronousTestCase):
+    """Without client authentication the door answers only its own host (issue 15)."""
+
+    def setUp(self):
+        host = FakeHost()
+        self.spawn, self.clock, self.engine = host.spawn, host.clock, host.engine
+
+    def factory(self, protected=True):
+        return TaskLineFactory(self.engine, Lane(0), "s", clock=self.clock, protected=protected)
+
+    def connect(self, factory, address):
+        proto, transport = factory.buildProtocol(address), StringTransport(peerAddress=address)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_a_peer_from_another_host_gets_one_line_saying_how_to_enable_auth_then_the_close(self):
+        from twisted.internet.address import IPv4Address
+        proto, transport = self.connect(self.factory(), IPv4Address("TCP", "192.0.2.7", 40000))
+        proto.dataReceived(b'{"command": ["true"]}\n')
+        [line] = [json.loads(l) for l in transport.value().split(b"\n") if l]
+        self.assertEqual(line["exit_code"], -1)
+        self.assertIn("--protected-mode no", line["error"])
+        self.assertIn("mtls", line["error"])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.spawn.spawned, [])
+
+    def test_loopback_and_unix_socket_peers_are_served(self):
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+        for address in (IPv4Address("TCP", "127.0.0.1", 1), IPv4Address("TCP", "127.9.8.7", 1),
+                        IPv6Address("TCP", "::1", 1), IPv6Address("TCP", "::ffff:127.0.0.1", 1),
+                        UNIXAddress(b"/run/agent.sock")):
+            proto, transport = self.connect(self.factory(), address)
+            proto.dataReceived(b'{"command": ["true"]}\n')
+            self.assertFalse(transport.disconnecting, address)
+        self.assertEqual(len(self.spawn.spawned), 5)
+
+    def test_with_protected_mode_off_any_peer_is_served(self):
+        from twisted.internet.address import IPv6Address
+        proto, transport = self.connect(self.factory(protected=False),
+                                        IPv6Address("TCP", "2001:db8::5", 1))
+        proto.dataReceived(b'{"command": ["true"]}\n')
+        self.assertEqual(len(self.spawn.spawned), 1)
+
+    def test_the_start_up_note_says_whether_the_door_is_protected(self):
+        from agent.doors.tcp.protected import starting_note
+        self.assertIsNone(starting_note("127.0.0.1", True))
+        self.assertIn("answers only clients on this host", starting_note("0.0.0.0", True))
+        self.assertIn("anyone who can reach", starting_note("0.0.0.0", False))
