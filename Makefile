@@ -10,8 +10,10 @@ install: $(STAMP)
 
 # The editable install (hatchling) is one .pth line naming the checkout: it joins
 # sys.path, so Twisted's plugin scan finds twisted/plugins/agent_plugin.py and
-# code edits need no reinstall.
+# code edits need no reinstall. A setuptools-era install left agent.egg-info in
+# the checkout, which that sys.path entry would show as a second "agent": gone.
 $(STAMP): pyproject.toml
+	rm -rf build *.egg-info
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
