@@ -8,12 +8,15 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-# compat mode puts the checkout itself on sys.path, so Twisted's plugin scan
-# finds twisted/plugins/agent_plugin.py and code edits need no reinstall.
+# The editable install (hatchling) is one .pth line naming the checkout: it joins
+# sys.path, so Twisted's plugin scan finds twisted/plugins/agent_plugin.py and
+# code edits need no reinstall. A setuptools-era install left agent.egg-info in
+# the checkout, which that sys.path entry would show as a second "agent": gone.
 $(STAMP): pyproject.toml
+	rm -rf build *.egg-info
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 # PYTHONMALLOC=malloc: the agent can give a burst's memory back (agent/memory.py).
@@ -27,4 +30,4 @@ bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

@@ -27,10 +27,18 @@ class AgentProcess:
     """One agent process; its own session, so a test can prove nothing outlived it."""
 
     def __init__(self, args, cwd, doors=("TCP task protocol",), startup_timeout=15.0,
-                 nofile: int | None = None, one_cpu: bool = False, env=None):
-        env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+                 nofile: int | None = None, one_cpu: bool = False, env=None,
+                 twistd=None, base_env=None):
+        """twistd, base_env: the command and the whole environment (default: TWISTD,
+        looked up now so a test may patch it, with the checkout on PYTHONPATH);
+        env adds to base_env."""
+        if twistd is None:
+            twistd = TWISTD
+        if base_env is None:
+            base_env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(base_env, **(env or {}))
         self.proc = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "agent", *args], cwd=cwd, env=env,
+            [*twistd, "-n", "--pidfile=", "agent", *args], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=functools.partial(_as_from_a_shell, nofile, one_cpu))
         self.log_lines: list[str] = []
@@ -149,9 +157,10 @@ def start_agent(tmp_path):
     agents: list[AgentProcess] = []
 
     def start(*args, cwd=None, doors=("TCP task protocol",), nofile=None, one_cpu=False,
-              env=None):
+              env=None, twistd=None, base_env=None, startup_timeout=15.0):
         agent = AgentProcess(["--listen", "tcp:0:interface=127.0.0.1", *args],
-                             cwd or tmp_path, doors, nofile=nofile, one_cpu=one_cpu, env=env)
+                             cwd or tmp_path, doors, startup_timeout, nofile=nofile,
+                             one_cpu=one_cpu, env=env, twistd=twistd, base_env=base_env)
         agents.append(agent)
         return agent
 
