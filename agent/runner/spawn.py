@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     resource = None
 
-from twisted.internet import fdesc, process
+from twisted.internet import process
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 from agent.runner import fdlimit
@@ -154,7 +154,7 @@ class GroupProcess(process.Process):
         super()._setupChild(fdmap)
 
     def _execChild(self, path, uid, gid, executable, args, environment):
-        fdesc._setCloseOnExec(self._exec_report_fd)
+        os.set_inheritable(self._exec_report_fd, False)  # closed by a successful exec
         try:
             original = fdlimit.children_limit()
             if original is not None:
