@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from agent._twisted_compat import forget_exit_signal
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.doors.tcp.protocol import TaskLineFactory, _describe
@@ -77,8 +78,7 @@ class AgentService(MultiService):
     def _exit_cleanly(self, result):
         """Stock twistd re-raises SIGTERM/SIGINT once the reactor stops, so the
         exit status says "killed by a signal". The agent shut down cleanly: exit 0."""
-        if getattr(self._reactor, "_exitSignal", None) is not None:
-            self._reactor._exitSignal = None
+        forget_exit_signal(self._reactor)
         return result
 
     def _hurry_on_a_second_signal(self):

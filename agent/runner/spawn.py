@@ -19,8 +19,6 @@ import os
 import signal
 from typing import Mapping, Sequence
 
-import _signal  # the C half of signal: getsignal without the enum wrapping
-
 try:
     import resource
 except ImportError:  # pragma: no cover - not POSIX
@@ -29,6 +27,7 @@ except ImportError:  # pragma: no cover - not POSIX
 from twisted.internet import process
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
+from agent._twisted_compat import environment_bytes, ignored_signals
 from agent.runner import fdlimit
 
 READ_CHUNK = 1 << 20
@@ -41,7 +40,6 @@ DEFAULT_PIPE_SIZE = 1 << 16
 """Linux's pipe capacity: a read this large means the writer had filled the pipe."""
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_SIG_IGN = int(signal.SIG_IGN)
 
 RLIMITS = {"cpu_s": ("RLIMIT_CPU", 1, 1), "memory_mb": ("RLIMIT_AS", 1 << 20, 0),
            "nofile": ("RLIMIT_NOFILE", 1, 0)}
@@ -184,19 +182,19 @@ def _give_back_open_file_limit(pid: int) -> None:
 def _ignored_signals() -> list[int]:
     """Signals the agent ignores (Python ignores SIGPIPE) must not stay ignored in children.
 
-    Asked of the C module on every spawn: signal.getsignal wraps each answer
-    in an enum, which cost 22 us per spawn for the 64 signals, 1 us this way.
+    Asked on every spawn, of the C module (see ignored_signals): signal.getsignal
+    wraps each answer in an enum, which cost 22 us per spawn for the 64 signals.
     """
-    return [n for n in range(1, signal.NSIG) if _signal.getsignal(n) == _SIG_IGN]
+    return ignored_signals(signal.NSIG)
 
 
 def _agent_environment() -> dict[bytes, bytes]:
     """A copy of the agent's own environment, as it is now, for a task given none.
 
-    Copied from os.environ's bytes store: dict(os.environ) decodes and
-    re-encodes every variable, 14 us per spawn, this copy 0.1 us.
+    Copied from os.environ's bytes store (see environment_bytes): dict(os.environ)
+    decodes and re-encodes every variable, 14 us per spawn.
     """
-    return dict(os.environ._data)
+    return environment_bytes()
 
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
