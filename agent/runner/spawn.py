@@ -122,7 +122,7 @@ class GroupProcess(process.Process):
                 args,
                 environment,
                 file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()],
-                setsigdef=_ignored_signals(),
+                setsigdef=ignored_signals(signal.NSIG),  # Python ignores SIGPIPE; a task must not
                 setpgroup=0,
             )
         self.status = -1
@@ -179,24 +179,6 @@ def _give_back_open_file_limit(pid: int) -> None:
             pass  # already gone: nothing left to limit
 
 
-def _ignored_signals() -> list[int]:
-    """Signals the agent ignores (Python ignores SIGPIPE) must not stay ignored in children.
-
-    Asked on every spawn, of the C module (see ignored_signals): signal.getsignal
-    wraps each answer in an enum, which cost 22 us per spawn for the 64 signals.
-    """
-    return ignored_signals(signal.NSIG)
-
-
-def _agent_environment() -> dict[bytes, bytes]:
-    """A copy of the agent's own environment, as it is now, for a task given none.
-
-    Copied from os.environ's bytes store (see environment_bytes): dict(os.environ)
-    decodes and re-encodes every variable, 14 us per spawn.
-    """
-    return environment_bytes()
-
-
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
                    cwd: str | None = None, child_fds: Mapping[int, object] | None = None,
                    limits: Sequence[tuple[str, int]] = ()):
@@ -205,7 +187,7 @@ def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str
     argv[0] without a slash is searched on PATH; with one it is relative to
     the task's working directory. limits are (name, value) pairs of RLIMITS.
     """
-    environment = _agent_environment() if env is None else dict(env)
+    environment = environment_bytes() if env is None else dict(env)  # the agent's, as it is now
     return GroupProcess(reactor, argv[0], list(argv), environment, cwd, protocol,
                         childFDs=dict(child_fds or {0: "w", 1: "r", 2: "r"}),
                         rlimits=resolve_limits(limits))
