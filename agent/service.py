@@ -7,12 +7,15 @@ import threading
 from functools import partial
 from pathlib import Path
 
+from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, gatherResults
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from agent._twisted_compat import forget_exit_signal
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.doors.tcp import protected as protected_mode
@@ -79,8 +82,7 @@ class AgentService(MultiService):
     def _exit_cleanly(self, result):
         """Stock twistd re-raises SIGTERM/SIGINT once the reactor stops, so the
         exit status says "killed by a signal". The agent shut down cleanly: exit 0."""
-        if getattr(self._reactor, "_exitSignal", None) is not None:
-            self._reactor._exitSignal = None
+        forget_exit_signal(self._reactor)
         return result
 
     def _hurry_on_a_second_signal(self):
@@ -126,28 +128,32 @@ def _report_unverified(results) -> None:
                   n=unverified)
 
 
-class _LoggedEndpointService(StreamServerEndpointService):
-    """Says where it listens (port 0 picks a free one) and fails start-up if it cannot.
+def _door(reactor, description: str, factory, what: str, then=None) -> StreamServerEndpointService:
+    """A door's listening service, which fails start-up if it cannot listen
+    (strports.service raises the listen error from privilegedStartService),
+    and says where it listens (port 0 picks a free one); then(address) says more."""
+    door = strports.service(description, factory, reactor)
+    door.endpoint = _Announced(door.endpoint, what, reactor, then)
+    return door
+
+
+@implementer(IStreamServerEndpoint)
+class _Announced:
+    """An endpoint that logs the address it listens on.
 
     The line is logged once the reactor runs, after its signal handlers are
     installed, so whoever waits for it may SIGTERM the agent at once.
     """
 
-    _raiseSynchronously = True
-
-    def __init__(self, endpoint, factory, what: str, reactor, then=None):
+    def __init__(self, endpoint: IStreamServerEndpoint, what: str, reactor, then=None):
         """then(address): more to say once it listens."""
-        super().__init__(endpoint, factory)
+        self._endpoint = endpoint
         self._what = what
         self._reactor = reactor
         self._then = then
-        self.tcp_factory = None
-        self.site = None
-        """The doors' factories, for whoever listens on them (tests listen on port 0)."""
 
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
+    def listen(self, factory):
+        return self._endpoint.listen(factory).addCallback(self._listening)
 
     def _listening(self, port):
         self._reactor.callWhenRunning(log.info, "{what} listening on {address}", what=self._what,
@@ -196,13 +202,11 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     agent.tcp_factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"],
                                         clock=reactor, max_output=options["max-output-bytes"],
                                         protected=protected)
-    _LoggedEndpointService(serverFromString(reactor, options["listen"]), agent.tcp_factory,
-                           "TCP task protocol", reactor,
-                           then=partial(_say_how_protected, protected)).setServiceParent(agent)
+    _door(reactor, options["listen"], agent.tcp_factory, "TCP task protocol",
+          then=partial(_say_how_protected, protected)).setServiceParent(agent)
     if options["http"]:
         agent.site = _http_site(options, reactor, engine, store, environ)
-        _LoggedEndpointService(serverFromString(reactor, options["http"]), agent.site,
-                               "HTTP API", reactor).setServiceParent(agent)
+        _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
     return agent
 
 

@@ -23,10 +23,10 @@ import os
 import signal
 from typing import Callable, Collection
 
-from twisted.internet import process as twisted_process
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from agent._twisted_compat import twisted_reaps
 from agent.runner import procinfo
 
 log = Logger()
@@ -74,7 +74,7 @@ def descendants_of(pid: int) -> list[int]:
 
 def is_task_process(pid: int) -> bool:
     """A process the agent started through Twisted (a task), which Twisted reaps."""
-    return pid in twisted_process.reapProcessHandlers
+    return twisted_reaps(pid)
 
 
 def _reap(pid: int) -> None:

@@ -12,11 +12,11 @@ import signal
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 from twisted.internet import error
-from twisted.internet import process as twisted_process
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from agent._twisted_compat import twisted_reaps
 from agent.core.outcome import Ending, Outcome, signal_name
 from agent.runner.spawn import spawn_in_group
 
@@ -94,7 +94,7 @@ def _reap_leftovers(pgid: int) -> None:
             found = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return  # none of the group's members is the agent's child
-        if found is None or found.si_pid in twisted_process.reapProcessHandlers:
+        if found is None or twisted_reaps(found.si_pid):
             return
         try:
             os.waitpid(found.si_pid, os.WNOHANG)

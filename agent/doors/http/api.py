@@ -113,8 +113,8 @@ class ApiRequest(Request):
     builds a new email header class, a reference cycle, on every POST)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
-        self._parsePOSTFormSubmission = False
 
     def handleContentChunk(self, data):
         super().handleContentChunk(data)

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from agent._twisted_compat import client_gone
 from agent.history.spool import STREAMS, StreamReader, TaskOutput
 from agent.history.store import Store, TaskRecord
 from agent.doors.http.errors import NotFound
@@ -194,7 +195,7 @@ class OutputStreamer:
         tail.addErrback(lambda f: log.failure("ending an output stream", f))
 
     def _write_tail_and_close(self, tail: bytes) -> None:
-        if (self._request is None or getattr(self._request, "_disconnected", False)
+        if (self._request is None or client_gone(self._request)
                 or self._request.finished):
             return
         if tail:

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from agent._twisted_compat import client_gone
 from agent.doors.http.errors import ApiError, MethodNotAllowed, NotFound
 
 log = Logger()
@@ -129,4 +130,4 @@ class Router(Resource):
 
 def _gone(request) -> bool:
     """The client left (or the response is complete): nothing may be written any more."""
-    return getattr(request, "_disconnected", False) or getattr(request, "finished", False)
+    return client_gone(request) or getattr(request, "finished", False)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
+from agent._twisted_compat import client_gone
 from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.engine import Engine
@@ -138,7 +139,7 @@ class TaskEndpoints:
         return ended
 
     def _send_stdout(self, record: TaskRecord, request, replayed: bool = False):
-        if getattr(request, "_disconnected", False):
+        if client_gone(request):
             return STREAMING
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"X-Task-Id", record.id.encode())
