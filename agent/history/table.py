@@ -90,11 +90,15 @@ def select_page(connection: sqlite3.Connection, state: str | None, limit: int,
     return Page([record for _, record in rows], str(rows[-1][0]) if more else None)
 
 
+MAX_INTEGER = (1 << 63) - 1
+"""SQLite's largest integer: a number past it cannot name a row."""
+
+
 def parse_cursor(cursor: str | None) -> int | None:
     """The seq a Page.next names; ValueError for anything select_page did not hand out."""
     if cursor is None:
         return None
-    if not cursor.isdigit():
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > MAX_INTEGER:
         raise ValueError(f"not a cursor from this API: {cursor!r}")
     return int(cursor)
 
