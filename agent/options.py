@@ -31,6 +31,17 @@ class Options(usage.Options):
         ["max-output-bytes", None, 256 << 20,
          "Most stdout bytes one TCP task may write; beyond it the task is killed "
          "('output limit exceeded') and its result holds the first bytes.", int],
+        ["max-pending-output", None, 256 << 20,
+         "Most bytes of finished TCP results kept in memory, across connections, for clients "
+         "that have not read them; past it the results of the clients behind the longest go to "
+         "anonymous files in the data dir. Bytes or 512M, 1G. 0 = no bound (all in memory).",
+         parse_size],
+        ["max-connections", None, 1024,
+         "Most TCP connections open at once; past it a new one gets an error line and is "
+         "closed. 0 = no cap.", int],
+        ["line-timeout", None, 30.0,
+         "Seconds a TCP client may leave a request line unfinished without sending more; then "
+         "it gets an error line and the connection closes. 0 = no timeout.", float],
         ["http", None, None,
          "Twisted server endpoint for the HTTP API (e.g. tcp:8080:interface=127.0.0.1); off if not given."],
         ["token-file", None, None,
@@ -79,6 +90,12 @@ class Options(usage.Options):
             raise usage.UsageError("--max-line must be at least 64 bytes")
         if self["max-output-bytes"] < 1:
             raise usage.UsageError("--max-output-bytes must be at least 1")
+        if self["max-pending-output"] < 0:
+            raise usage.UsageError("--max-pending-output must be 0 (no bound) or a size in bytes")
+        if self["max-connections"] < 0:
+            raise usage.UsageError("--max-connections must be 0 (no cap) or more")
+        if not 0 <= self["line-timeout"] < float("inf"):
+            raise usage.UsageError("--line-timeout must be 0 (none) or a number of seconds")
         if self["max-running"] < 0:
             raise usage.UsageError("--max-running must be 0 (unlimited) or more")
         if self["max-log-bytes"] < 1:

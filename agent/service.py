@@ -12,6 +12,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -19,6 +20,7 @@ from agent._twisted_compat import forget_exit_signal
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.doors.tcp import protected as protected_mode
+from agent.doors.tcp.backlog import Backlog, Spill
 from agent.doors.tcp.protocol import TaskLineFactory, _describe
 from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR
 from agent.history import datadir
@@ -201,13 +203,23 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     protected = options["protected-mode"] == "yes"
     agent.tcp_factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"],
                                         clock=reactor, max_output=options["max-output-bytes"],
-                                        protected=protected)
+                                        protected=protected, backlog=_backlog(options, reactor),
+                                        max_connections=options["max-connections"],
+                                        line_timeout=options["line-timeout"])
     _door(reactor, options["listen"], agent.tcp_factory, "TCP task protocol",
           then=partial(_say_how_protected, protected)).setServiceParent(agent)
     if options["http"]:
         agent.site = _http_site(options, reactor, engine, store, environ)
         _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
     return agent
+
+
+def _backlog(options: Options, reactor) -> Backlog:
+    """Results waiting for slow TCP clients: past the bound, to files in the data dir,
+    written on the reactor's thread pool."""
+    def in_thread(f, *args):
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+    return Backlog(options["max-pending-output"], Spill(options["data-dir"], in_thread))
 
 
 def _http_site(options: Options, reactor, engine: Engine, store: Store, environ):

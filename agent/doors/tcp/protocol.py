@@ -19,7 +19,8 @@ from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
 from agent.core.task import Task
 from agent.doors.tcp import protected as protected_mode
-from agent.doors.tcp.linewriter import LineWriter
+from agent.doors.tcp.guards import ConnectionCap, line_timed_out
+from agent.doors.tcp.linewriter import Budget, Line, LineWriter
 from agent.doors.tcp.wire import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest,
                             encode_error, encode_result, encode_result_pieces, looks_like_http,
                             parse_request)
@@ -46,8 +47,18 @@ class TaskLineProtocol(LineReceiver):
     delimiter = b"\n"
 
     def __init__(self, engine: Engine, lane: Lane, timeout_unit: str, max_line: int, clock,
-                 max_output: int | None = None):
+                 max_output: int | None = None, *, backlog: Budget | None = None,
+                 line_timeout: float = 0, connections: ConnectionCap | None = None):
+        """backlog: bounds the results waiting for clients across connections
+        (agent.doors.tcp.backlog); line_timeout: seconds a partial request line may
+        wait for its next byte (0 = for ever); connections: the door's open connections."""
         self.MAX_LENGTH = max_line
+        self._backlog = backlog
+        self._line_timeout = line_timeout
+        self._connections = connections or ConnectionCap(0)
+        self._line_timer = None
+        self._partial_line = False
+        self._reading_paused = False
         self._max_output = max_output
         self._engine = engine
         self._lane = lane
@@ -65,6 +76,11 @@ class TaskLineProtocol(LineReceiver):
     # -- bytes to lines, surviving over-long lines
 
     def dataReceived(self, data: bytes):
+        self._read_lines(data)
+        self._partial_line = not data.endswith(self.delimiter)
+        self._time_partial_line()
+
+    def _read_lines(self, data: bytes):
         while data and not self._gone:
             if self._skipping_long_line:
                 end = data.find(self.delimiter)
@@ -111,10 +127,49 @@ class TaskLineProtocol(LineReceiver):
                  "trying to run commands, or a client pointed at the wrong port); connection "
                  "closed", peer=_describe(self.transport.getPeer()))
         self._gone = True
-        self.transport.loseConnection()
+        self._lines.close()
 
     def connectionMade(self):
-        self._lines = LineWriter(self.transport)
+        self._connections.joined()
+        self._lines = LineWriter(self.transport, self._backlog, self._results_stuck)
+
+    # -- clients that stall: a partial line for too long, results not taken
+
+    def _time_partial_line(self) -> None:
+        """A partial line may wait line_timeout for its next byte, unless the agent
+        itself stopped reading (see _results_stuck)."""
+        waiting = (self._partial_line and self._line_timeout > 0 and not self._reading_paused
+                   and not self._gone and not self._read_closed)
+        if self._line_timer is not None and self._line_timer.active():
+            if waiting:
+                self._line_timer.reset(self._line_timeout)
+                return
+            self._line_timer.cancel()
+        self._line_timer = None
+        if waiting:
+            self._line_timer = self._clock.callLater(self._line_timeout, self._line_stalled)
+
+    def _line_stalled(self) -> None:
+        self._line_timer = None
+        log.info("client {peer} sent part of a request line and nothing more for {seconds} s; "
+                 "connection closed", peer=_describe(self.transport.getPeer()),
+                 seconds=self._line_timeout)
+        self._send(encode_error(line_timed_out(self._line_timeout)))
+        self._gone = True
+        self._lines.close()
+        self._release_pending("client stalled mid-line")
+
+    def _results_stuck(self, stuck: bool) -> None:
+        """Take no new request from a client that does not take its results: it could
+        otherwise keep starting tasks whose output only piles up here."""
+        if self._read_closed or self._gone or stuck == self._reading_paused:
+            return
+        self._reading_paused = stuck
+        if stuck:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+        self._time_partial_line()
 
     # -- the engine's decision, in the wire format
 
@@ -149,8 +204,9 @@ class TaskLineProtocol(LineReceiver):
         elif sink.sizes[1] <= STREAM_ABOVE:
             self._send(encode_result(command, outcome, sink.text(), task.request.id))
         else:
-            self._lines.stream(encode_result_pieces(command, outcome, sink.drain(),
-                                                    task.request.id))
+            self._lines.queue(Line.encoded(
+                lambda chunks: encode_result_pieces(command, outcome, chunks, task.request.id),
+                sink.drain(), sink.sizes[1]))
 
     def _send_replay(self, record, request: TaskRequest) -> None:
         """The ended task's result as the original client got it (the history keeps the
@@ -161,8 +217,9 @@ class TaskLineProtocol(LineReceiver):
             raise KeyForgotten(request.id)
         stdout, dropped = spooled_stdout(self._engine.history, record)
         extra = {"replayed": True, **({"output_dropped": dropped} if dropped else {})}
-        self._lines.stream(encode_result_pieces(list(request.command), record.outcome,
-                                                stdout, request.id, extra))
+        self._lines.queue(Line.encoded(  # 0 bytes held: read from the history as it goes
+            lambda chunks: encode_result_pieces(list(request.command), record.outcome, chunks,
+                                                request.id, extra), stdout, 0))
 
     def _replay_failed(self, failure, request: TaskRequest) -> None:
         if failure.check(Refused):
@@ -183,6 +240,7 @@ class TaskLineProtocol(LineReceiver):
 
     def readConnectionLost(self):
         self._read_closed = True
+        self._time_partial_line()
         if self._answering:
             self._probe = LoopingCall(self._probe_peer)
             self._probe.clock = self._clock
@@ -195,12 +253,12 @@ class TaskLineProtocol(LineReceiver):
             self.transport.write(b" ")
 
     def writeConnectionLost(self):
-        self.transport.loseConnection()
+        self._lines.abandon()
 
     def _close_when_done(self) -> None:
         if self._read_closed and not self._answering:
             self._stop_probing()
-            self.transport.loseConnection()
+            self._lines.close()
 
     def _stop_probing(self) -> None:
         """Stop, and let go: the LoopingCall holds a bound method of this protocol."""
@@ -210,12 +268,18 @@ class TaskLineProtocol(LineReceiver):
 
     def connectionLost(self, reason):
         self._gone = True
+        self._connections.left()
+        self._lines.stopProducing()  # as the transport does: what waits for this client goes
+        self._time_partial_line()
         self._stop_probing()
+        self._release_pending("client disconnected")
+
+    def _release_pending(self, message: str) -> None:
         pending, self._pending = self._pending, set()
         if pending:
             log.info("client {peer} went away; ending its {n} pending task(s)",
                      peer=_describe(self.transport.getPeer()), n=len(pending))
-        self._engine.release_many(pending, "client disconnected")
+        self._engine.release_many(pending, message)
 
 
 class TaskLineFactory(Factory):
@@ -225,10 +289,16 @@ class TaskLineFactory(Factory):
 
     def __init__(self, engine: Engine, lane: Lane, timeout_unit: str = "s",
                  max_line: int = 1 << 20, *, clock: IReactorTime, max_output: int | None = None,
-                 protected: bool = True):
+                 protected: bool = True, backlog: Budget | None = None,
+                 max_connections: int = 0, line_timeout: float = 0):
         """protected: answer only peers on this host (agent.doors.tcp.protected); off
-        only when the operator said so, or when the endpoint authenticates its clients."""
+        only when the operator said so, or when the endpoint authenticates its clients.
+        backlog: bounds what waits for slow clients (agent.doors.tcp.backlog);
+        max_connections (0 = no cap) and line_timeout (0 = none): agent.doors.tcp.guards."""
         self.protected = protected
+        self.backlog = backlog
+        self.connections = ConnectionCap(max_connections)
+        self.line_timeout = line_timeout
         self.engine = engine
         self.lane = lane
         self.timeout_unit = timeout_unit
@@ -239,8 +309,12 @@ class TaskLineFactory(Factory):
     def buildProtocol(self, addr):
         if self.protected and not protected_mode.is_local(addr):
             return protected_mode.Refusal(encode_error(protected_mode.REFUSAL))
+        if not self.connections.admits():
+            return self.connections.refusal()
         protocol = TaskLineProtocol(self.engine, self.lane, self.timeout_unit, self.max_line,
-                                    self.clock, self.max_output)
+                                    self.clock, self.max_output, backlog=self.backlog,
+                                    line_timeout=self.line_timeout,
+                                    connections=self.connections)
         protocol.factory = self
         return protocol
 

@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 
-from agent.doors.tcp.linewriter import LineWriter
 from agent.doors.tcp.wire import encode_result, encode_result_pieces, escape_output
 from agent.core.outcome import Ending, Outcome
 from agent.runner.process import StdoutCollector
 from agent.doors.tcp.protocol import STREAM_ABOVE
 from agent.core.lanes import Lane
 from agent.doors.tcp.protocol import TaskLineFactory
+from tests.doors.tcp.slow import SlowTransport
 from tests.fakes import FakeHost, exit_with
 
 RAN = Outcome(Ending.EXITED, 0, "", started_at=1700000000.5, duration_ms=3.25)
@@ -65,52 +65,10 @@ def test_draining_a_collector_forgets_each_chunk_as_it_is_taken():
     assert taken == [b"a", b"b", b"c"]
 
 
-def _drain(transport: StringTransport) -> None:
-    """What the reactor does for a pull producer: ask for more while it is registered."""
-    while transport.producer is not None:
-        transport.producer.resumeProducing()
-
-
-def test_lines_written_during_a_stream_come_after_it():
-    transport = StringTransport()
-    writer = LineWriter(transport)
-    writer.stream(iter([b"big", b"-line", b"\n"]))
-    transport.producer.resumeProducing()  # registerProducer alone does not pull in StringTransport
-    writer.write(b"small\n")
-    assert not writer.idle
-    _drain(transport)
-    assert transport.value() == b"big-line\nsmall\n"
-    assert writer.idle and transport.producer is None
-
-
-def test_a_stream_is_pulled_one_piece_per_request():
-    transport = StringTransport()
-    writer = LineWriter(transport)
-    pulled = []
-
-    def pieces():
-        for piece in (b"a", b"b", b"\n"):
-            pulled.append(piece)
-            yield piece
-
-    writer.stream(pieces())
-    transport.producer.resumeProducing()
-    assert pulled == [b"a"]
-
-
-def test_a_lost_connection_drops_what_is_queued():
-    transport = StringTransport()
-    writer = LineWriter(transport)
-    writer.stream(iter([b"a", b"b"]))
-    writer.stopProducing()
-    writer.write(b"late\n")
-    assert writer.idle and transport.value() == b""
-
-
 def test_a_large_result_is_streamed_and_no_probe_lands_inside_it():
     host = FakeHost()
     proto = TaskLineFactory(host.engine, Lane(0), clock=host.clock).buildProtocol(None)
-    transport = StringTransport()
+    transport = SlowTransport(room=STREAM_ABOVE // 2)
     proto.makeConnection(transport)
     proto.dataReceived(b'{"command": ["big"], "id": "1"}\n{"command": ["slow"], "id": "2"}\n')
     big, slow = host.spawn.protocol(0), host.spawn.protocol(1)
@@ -118,11 +76,10 @@ def test_a_large_result_is_streamed_and_no_probe_lands_inside_it():
     for _ in range(4):
         big.childDataReceived(1, chunk)
     proto.readConnectionLost()  # half-close: the door probes with spaces while results are due
-    exit_with(big, 0)
-    transport.producer.resumeProducing()  # the first piece of the big line is out
+    exit_with(big, 0)  # the first pieces of the big line are out: the client is behind
     host.clock.advance(1.0)  # probe time, with "slow" still pending
-    _drain(transport)
+    transport.read_all()
     exit_with(slow, 0)
-    first, second = transport.value().split(b"\n")[:2]
+    first, second = transport.read_all().split(b"\n")[:2]
     assert (json.loads(first)["id"], json.loads(first)["output"]) == ("1", chunk.decode() * 4)
     assert json.loads(second)["id"] == "2"
