@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from twisted.python import usage
 
@@ -34,8 +35,11 @@ class Options(usage.Options):
         ["http", None, None,
          "Twisted server endpoint for the HTTP API (e.g. tcp:8080:interface=127.0.0.1); off if not given."],
         ["token-file", None, None,
-         "File holding the HTTP API's bearer token; default DATA_DIR/token, created with a random "
-         "token (mode 0600) on first start."],
+         "File holding the HTTP API's admin bearer token (every scope); default DATA_DIR/token, "
+         "created with a random token (mode 0600) on first start unless --tokens-file is given."],
+        ["tokens-file", None, None,
+         "TOML file of named tokens with scopes ([tokens.NAME] sha256 = hex SHA-256 of the "
+         "token, scopes = [read, run, cancel, purge, admin]); see docs/security.md."],
         ["data-dir", None, "./agent-data", "Where the task history database and task output live."],
         ["max-running", None, 64,
          "HTTP tasks running at once (apart from --parallel); over it the API answers 429. "
@@ -91,5 +95,21 @@ class Options(usage.Options):
             raise usage.UsageError("--keep-days must be 0 (no age limit) or a number of days")
         if self["keep-bytes"] < 0:
             raise usage.UsageError("--keep-bytes must be 0 (no size limit) or a size in bytes")
+        self.admin_token_wanted = self["token-file"] is not None or self["tokens-file"] is None
+        """An admin token file is used when named, or when no tokens file replaces it."""
         if self["token-file"] is None:
             self["token-file"] = os.path.join(self["data-dir"], "token")
+        self.check_token_files()
+
+    def check_token_files(self) -> None:
+        """Refuse at start, with how to fix it, a token that is short or readable by others
+        (as ssh does for keys) and a tokens file that is malformed."""
+        from agent.doors.http.auth import NoToken, read_token, read_tokens_file
+        self.principals = {}
+        try:
+            if self["tokens-file"] is not None:
+                self.principals = read_tokens_file(Path(self["tokens-file"]))
+            if self.admin_token_wanted and os.path.exists(self["token-file"]):
+                read_token(Path(self["token-file"]))
+        except NoToken as e:
+            raise usage.UsageError(str(e)) from None

@@ -212,9 +212,11 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
 
 def _http_site(options: Options, reactor, engine: Engine, store: Store, environ):
     from agent.doors.http.api import make_site
-    from agent.doors.http.auth import load_or_create_token
+    from agent.doors.http.auth import TokenAuth, load_or_create_token
 
     datadir.prepare(Path(options["data-dir"]))  # the token's default home
-    token = load_or_create_token(options["token-file"])
-    return make_site(engine, store, Lane(options["max-running"]), token, options["kill-grace"],
+    auth = TokenAuth(options.principals)
+    if options.admin_token_wanted:
+        auth = auth.with_admin(load_or_create_token(options["token-file"]))
+    return make_site(engine, store, Lane(options["max-running"]), auth, options["kill-grace"],
                      reactor, environ)

@@ -76,7 +76,8 @@ class Engine:
     # -- admission: one step, one decision, for every door
 
     def admit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str, *,
-              held: bool = False, durable: bool = False, **run_options) -> Deferred[Decision]:
+              held: bool = False, durable: bool = False, launched_by: str | None = None,
+              **run_options) -> Deferred[Decision]:
         """Start a task, or say why not, in one decision (agent.core.decisions).
 
         A request whose id names a known task never runs again: a live one with the
@@ -86,6 +87,7 @@ class Engine:
         client will look it up later, so it needs a record the history can write).
 
         held: the task ends when every holder has let go (see release_many).
+        launched_by: who asked, as the door knows them; recorded and logged.
         run_options (env, cwd, output_limit, ...) go to the runner unchanged.
         """
         key = request.id
@@ -101,7 +103,8 @@ class Engine:
             if not health["writable"]:
                 return fail(HistoryDown(health["error"]))
         try:
-            task = self.submit(request, lane, sink, source, held, **run_options)
+            task = self.submit(request, lane, sink, source, held, launched_by=launched_by,
+                               **run_options)
         except (Busy, ShuttingDown) as refused:
             return fail(refused)
         return succeed(Started(task))
@@ -123,13 +126,13 @@ class Engine:
         return self._history.get(task_id).addCallback(decide)
 
     def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
-               held: bool = False, **run_options) -> Task:
+               held: bool = False, launched_by: str | None = None, **run_options) -> Task:
         """Queue or start a task with no admission (no key lookup): Busy when the lane
         is full and rejects, ShuttingDown once the agent stops. Doors use admit."""
         if not self.accepting:
             raise ShuttingDown()
         slot = lane.acquire()
-        task = Task(request, source, sink, uuid.uuid4().hex, held)
+        task = Task(request, source, sink, uuid.uuid4().hex, held, launched_by)
         self.live[task.id] = task
         if request.id is not None:
             self.live_by_key[request.id] = task
@@ -183,7 +186,8 @@ class Engine:
         self._settle(task, outcome, lane)
         if self._log_tasks == "none" or (self._log_tasks == "failures" and outcome.succeeded):
             return
-        log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
+        log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms} "
+                 "by {launched_by}", launched_by=task.launched_by,
                  id=task.request.id or task.id, argv0=for_log(task.request.command[0]),
                  ending=outcome.ending.value, exit_code=outcome.exit_code,
                  duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))

@@ -69,6 +69,9 @@ class TaskRecord:
     cleanup: str | None = None
     """'complete' once its process group was verified empty, 'incomplete' if a
     member survived repeated SIGKILL; None until known."""
+    launched_by: str | None = None
+    """Who asked for it: the HTTP token's name, the TCP client certificate's subject, or the
+    TCP peer's address (None for tasks recorded before the agent kept it)."""
 
     @property
     def ended(self) -> bool:
@@ -147,7 +150,7 @@ def row_of(task, live: Live, now: float) -> tuple:
     return (task.id, task.source, live.command_json, state_of(task), live.created_at,
             started_at, finished_at, duration_ms, exit_code, error, pid,
             out, err, out_dropped, err_dropped, request.timeout, request.id, None, None,
-            reason, signal, task.cleanup)
+            reason, signal, task.cleanup, task.launched_by)
 
 
 def with_identity(row: tuple, identify: Identify) -> tuple:

@@ -26,6 +26,12 @@ class Unauthorized(ApiError):
     status = 401
 
 
+class Forbidden(ApiError):
+    """A valid token without the scope this needs; the message names the scope."""
+
+    status = 403
+
+
 class NotFound(ApiError):
     status = 404
 
