@@ -148,5 +148,6 @@ class ApiSite(Site):
 
 def make_site(engine: Engine, store: Store, lane: Lane, token: str, kill_grace: float,
               clock: IReactorTime, environ: Mapping[str, str] = os.environ) -> ApiSite:
+    """clock also drives the site's own timers (header deadline, idle timeout)."""
     return ApiSite(Router(routes(engine, store, lane, kill_grace, clock, environ),
-                          BearerAuth(token)))
+                          BearerAuth(token)), reactor=clock)
