@@ -183,7 +183,7 @@ def test_wrong_types_are_422_naming_the_field(memory_api):
     assert memory_api.spawn.spawned == []
 
 
-def test_a_body_over_one_mebibyte_is_413_and_starts_nothing(memory_api):
+def test_a_body_over_one_mebibyte_is_413(memory_api):
     payload = json.dumps({"command": "echo", "args": ["x" * (1 << 20)]}).encode()
     body = memory_api.json("POST", "/tasks", raw=payload, expect=413)
     assert "larger than 1048576 bytes" in body["error"]
