@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 
 from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
@@ -196,6 +197,32 @@ def test_bad_query_parameters_are_400(memory_api):
     record = memory_api.start("true")
     for query in ["stream=stdin", "offset=-1", "follow=maybe"]:
         memory_api.json("GET", f"/tasks/{record['id']}/output?{query}", expect=400)
+
+
+def test_numbers_too_large_for_the_history_are_a_400(memory_api):
+    task = memory_api.start("echo", "x")
+    memory_api.finish(task["id"], stdout=b"x\n")
+    huge = str(1 << 64)
+    for path, headers in [(f"/tasks?cursor={huge}", {}),
+                          (f"/tasks/{task['id']}/output?offset={huge}", {}),
+                          (f"/tasks/{task['id']}/output?stdout_offset={huge}", {}),
+                          (f"/tasks/{task['id']}/output",
+                           {"Accept": "text/event-stream", "Last-Event-ID": f"stdout:{huge}"})]:
+        answer = memory_api.request("GET", path, headers=headers)
+        assert answer.code == 400, (path, answer.body)
+
+
+def test_an_old_record_holding_a_lone_surrogate_is_listed_not_a_hang(memory_api, tmp_path):
+    """Before text was checked at parse time, such a record made every listing hang."""
+    with sqlite3.connect(tmp_path / "data" / "history.sqlite3") as db:
+        db.execute("INSERT INTO tasks (id, source, command, state, created_at, stdout_bytes, "
+                   "stderr_bytes, stdout_dropped, stderr_dropped) VALUES "
+                   "(?, 'tcp', '[\"echo\", \"\\ud800\"]', 'succeeded', 1, 0, 0, 0, 0)",
+                   ("b" * 32,))
+    listed = memory_api.json("GET", "/tasks")
+    assert listed["tasks"][0]["command"] == ["echo", "\ud800"]
+    shown = memory_api.json("GET", f"/tasks/{'b' * 32}")
+    assert shown["command"] == ["echo", "\ud800"]
 
 
 # -- auth and health
