@@ -110,8 +110,9 @@ class MemoryHistory:
 class FakeHost:
     """A Clock, a fake spawner, a kill recorder and an in-memory history, wired into an Engine."""
 
-    def __init__(self, history=None, **engine_options):
-        self.clock = task.Clock()
+    def __init__(self, history=None, clock: task.Clock | None = None, **engine_options):
+        """clock: one the history already keeps time by, so the engine and it agree."""
+        self.clock = clock if clock is not None else task.Clock()
         self.spawn = FakeSpawner()
         self.kills = KillRecorder()
         self.history = history if history is not None else MemoryHistory()

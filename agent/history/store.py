@@ -45,13 +45,18 @@ class Store:
 
     def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20,
                  keep_tcp_output: bool = False, *, identify: Identify,
-                 end_left_behind: EndLeftBehind):
+                 end_left_behind: EndLeftBehind, database=SerialDatabase):
         """keep_tcp_output: spool the output of TCP tasks without an id too. Off, their
         records count the bytes (all reported dropped).
 
         identify and end_left_behind are the runner's (agent.runner.procinfo): the history
         records which process a running task is and, after a crash, has what is left of it
-        ended, without knowing how processes are read or killed."""
+        ended, without knowing how processes are read or killed.
+
+        database: what open() runs the history's SQL with, built as
+        database(connection, reactor, identify); the default has its own thread. In-memory
+        tests pass one that runs each job at once (tests/history/inline.py)."""
+        self._new_database = database
         self._reactor = reactor
         self._identify = identify
         self._end_left_behind = end_left_behind
@@ -92,7 +97,7 @@ class Store:
             sweep_orphan_output(connection, Path(self._output_root))
         self._keys.load(table.idempotency_keys(connection))
         prune.prepare(connection)
-        self._database = SerialDatabase(connection, self._reactor, self._identify)
+        self._database = self._new_database(connection, self._reactor, self._identify)
         return self
 
     def start(self) -> None:

@@ -148,4 +148,6 @@ class ApiSite(Site):
 
 def make_site(engine: Engine, store: Store, lane: Lane, auth: TokenAuth, kill_grace: float,
               clock: IReactorTime, environ: Mapping[str, str] = os.environ) -> ApiSite:
-    return ApiSite(Router(routes(engine, store, lane, kill_grace, clock, environ), auth))
+    """clock also drives the site's own timers (header deadline, idle timeout)."""
+    return ApiSite(Router(routes(engine, store, lane, kill_grace, clock, environ), auth),
+                   reactor=clock)
