@@ -37,6 +37,10 @@ class Options(usage.Options):
         ["token-file", None, None,
          "File holding the HTTP API's admin bearer token (every scope); default DATA_DIR/token, "
          "created with a random token (mode 0600) on first start unless --tokens-file is given."],
+        ["allow-file", None, None,
+         "TOML allow-list of programs ([[allow]] program = absolute path, optional args "
+         "patterns) for every door; a command not on it is refused and nothing starts. "
+         "Default: any program."],
         ["tokens-file", None, None,
          "TOML file of named tokens with scopes ([tokens.NAME] sha256 = hex SHA-256 of the "
          "token, scopes = [read, run, cancel, purge, admin]); see docs/security.md."],
@@ -100,6 +104,13 @@ class Options(usage.Options):
         if self["token-file"] is None:
             self["token-file"] = os.path.join(self["data-dir"], "token")
         self.check_token_files()
+        self.allow = None
+        if self["allow-file"] is not None:
+            from agent.core.allowlist import AllowList, BadAllowList
+            try:
+                self.allow = AllowList.load(Path(self["allow-file"]))
+            except BadAllowList as e:
+                raise usage.UsageError(str(e)) from None
 
     def check_token_files(self) -> None:
         """Refuse at start, with how to fix it, a token that is short or readable by others

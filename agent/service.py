@@ -189,7 +189,7 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
                   identify=proc_stat, end_left_behind=kill_left_behind)
     release = BurstRelease(reactor, lambda: len(engine.live))
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe])
+                    observers=[release.observe], allow=options.allow)
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
                          handle_signals=own_process,
                          escapees=EscapeeReaper(reactor, engine.live.keys) if own_process else None)

@@ -26,14 +26,18 @@ class FakeSpawner:
     def __init__(self, first_pid: int = 1000):
         self.next_pid = first_pid
         self.spawned: list[tuple[list[str], object]] = []
+        self.executables: list[str | None] = []
+        """The executable each spawn was given (None: argv[0])."""
         self.fail_with: Exception | None = None
 
-    def __call__(self, reactor, protocol, argv, env=None, cwd=None, child_fds=None, limits=()):
+    def __call__(self, reactor, protocol, argv, env=None, cwd=None, child_fds=None, limits=(),
+                 executable=None):
         if self.fail_with is not None:
             raise self.fail_with
         transport = FakeProcessTransport(self.next_pid)
         self.next_pid += 1
         self.spawned.append((list(argv), protocol))
+        self.executables.append(executable)
         protocol.makeConnection(transport)
         return transport
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Protocol
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
+from agent.core.allowlist import AllowList, NotAllowed
 from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.lanes import Lane
@@ -52,10 +53,12 @@ class Engine:
     """Admits TaskRequests, runs them under per-lane limits, keeps the registry of live tasks."""
 
     def __init__(self, reactor, history: History, *, start=start_task, log_tasks: str = "all",
-                 observers: Iterable[Callable[[Task], None]] = ()):
+                 observers: Iterable[Callable[[Task], None]] = (),
+                 allow: AllowList | None = None):
         """history: records every task and answers for ended ones (required: without it
         an id could not be an idempotency key). observers: told of each state change
-        after the history. log_tasks: which ended tasks get a log line (LOG_TASKS)."""
+        after the history. log_tasks: which ended tasks get a log line (LOG_TASKS).
+        allow: the programs a request may run (None: any)."""
         if log_tasks not in LOG_TASKS:
             raise ValueError(f"log_tasks must be one of {LOG_TASKS}, not {log_tasks!r}")
         self._reactor = reactor
@@ -63,6 +66,7 @@ class Engine:
         self._start_task = start
         self._log_tasks = log_tasks
         self._observers = (history.observe, *observers)
+        self._allow = allow
         self.live: dict[str, Task] = {}
         self.live_by_key: dict[str, Task] = {}
         self.accepting = True
@@ -83,13 +87,20 @@ class Engine:
         A request whose id names a known task never runs again: a live one with the
         same command is Attached (and held, if held), an ended one is a Replay of its
         record, another command is a KeyConflict. Otherwise the task is Started, or
-        refused: ShuttingDown, Busy (the lane is full), HistoryDown (durable: the
-        client will look it up later, so it needs a record the history can write).
+        refused: NotAllowed (not on the allow-list, checked first), ShuttingDown, Busy
+        (the lane is full), HistoryDown (durable: the client will look it up later, so
+        it needs a record the history can write).
 
         held: the task ends when every holder has let go (see release_many).
         launched_by: who asked, as the door knows them; recorded and logged.
         run_options (env, cwd, output_limit, ...) go to the runner unchanged.
         """
+        if self._allow is not None:  # first: a refused command learns nothing of other tasks
+            try:
+                run_options["executable"] = self._allow.executable(
+                    request.command, run_options.get("cwd"), run_options.get("env"))
+            except NotAllowed as refused:
+                return fail(refused)
         key = request.id
         if key is not None:
             live = self.live_by_key.get(key)

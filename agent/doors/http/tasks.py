@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from agent._twisted_compat import client_gone
+from agent.core.allowlist import NotAllowed
 from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.engine import Engine
@@ -188,7 +189,10 @@ class TaskEndpoints:
 
     def _refused(self, failure, spec: TaskSpec):
         """Each refusal as its HTTP error (the router maps those to statuses)."""
-        refusal = failure.trap(Busy, ShuttingDown, HistoryDown, KeyConflict, KeyForgotten)
+        refusal = failure.trap(NotAllowed, Busy, ShuttingDown, HistoryDown, KeyConflict,
+                               KeyForgotten)
+        if refusal is NotAllowed:
+            raise Forbidden(failure.value.message)
         if refusal is Busy:
             raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
                                "(--max-running); wait for one to end or cancel one")

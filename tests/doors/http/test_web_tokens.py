@@ -185,3 +185,17 @@ async def test_a_tcp_task_records_its_peer_as_who_launched_it(make_api):
         await port.stopListening()
     newest = (await api.json("GET", "/tasks?limit=1"))["tasks"][0]
     assert newest["launched_by"] == f"tcp:127.0.0.1:{client_port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_off_the_allow_list_is_403_and_one_on_it_runs(make_api, tmp_path):
+    import shutil
+    allow = tmp_path / "allow.toml"
+    allow.write_text(f'[[allow]]\nprogram = "{shutil.which("echo")}"\n')
+    api = make_api(args=["--allow-file", str(allow)])
+    refused = await api.json("POST", "/tasks", {"command": "touch", "args": [str(tmp_path / "x")]},
+                             expect=403)
+    assert refused["error"].startswith("command not allowed: ")
+    assert not (tmp_path / "x").exists()
+    response = await api.request("POST", "/run", {"command": "echo", "args": ["allowed"]})
+    assert (response.code, await response.text()) == (200, "allowed\n")
