@@ -186,16 +186,17 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     """
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
                   keep_tcp_output=bool(options["keep-tcp-output"]),
-                  identify=proc_stat, end_left_behind=kill_left_behind)
+                  identify=proc_stat, end_left_behind=kill_left_behind,
+                  keep_bytes=options["keep-bytes"])
+    retention = Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor)
     release = BurstRelease(reactor, lambda: len(engine.live))
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe], allow=options.allow)
+                    observers=[release.observe, retention.observe], allow=options.allow)
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
                          handle_signals=own_process,
                          escapees=EscapeeReaper(reactor, engine.live.keys) if own_process else None)
     release.setServiceParent(agent)
-    Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
-        .setServiceParent(agent)
+    retention.setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
                 max_waiting=options["max-queue"])
     protected = options["protected-mode"] == "yes"

@@ -14,7 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
 from agent.core.allowlist import AllowList, NotAllowed
-from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
+from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, HistoryFull, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.lanes import Lane
 from agent.core.outcome import Ending, Outcome
@@ -113,6 +113,8 @@ class Engine:
             health = self._history.health()
             if not health["writable"]:
                 return fail(HistoryDown(health["error"]))
+            if health.get("full"):
+                return fail(HistoryFull())
         try:
             task = self.submit(request, lane, sink, source, held, launched_by=launched_by,
                                **run_options)

@@ -45,7 +45,7 @@ class Store:
 
     def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20,
                  keep_tcp_output: bool = False, *, identify: Identify,
-                 end_left_behind: EndLeftBehind, database=SerialDatabase):
+                 end_left_behind: EndLeftBehind, database=SerialDatabase, keep_bytes: int = 0):
         """keep_tcp_output: spool the output of TCP tasks without an id too. Off, their
         records count the bytes (all reported dropped).
 
@@ -55,7 +55,11 @@ class Store:
 
         database: what open() runs the history's SQL with, built as
         database(connection, reactor, identify); the default has its own thread. In-memory
-        tests pass one that runs each job at once (tests/history/inline.py)."""
+        tests pass one that runs each job at once (tests/history/inline.py).
+
+        keep_bytes: --keep-bytes; health() says "full" while the output of live tasks
+        alone reaches it (nothing may be pruned to make room), so no new HTTP task starts."""
+        self._keep_bytes = keep_bytes
         self._new_database = database
         self._reactor = reactor
         self._identify = identify
@@ -205,6 +209,7 @@ class Store:
         database = self._database
         trouble = database.trouble if database is not None else None
         return {"writable": trouble is None, "error": trouble and trouble[0],
+                "full": self._keep_bytes > 0 and self._live_bytes() >= self._keep_bytes,
                 "since": trouble and trouble[1],
                 "waiting": database.waiting if trouble else 0,
                 "dropped": database.dropped if database is not None else 0}
@@ -243,10 +248,14 @@ class Store:
 
     def usage(self) -> Deferred[prune.Usage]:
         """The data dir's database files and output; queued and running tasks' from their spools."""
-        live_bytes = sum(kept_bytes(live.output) for live in self._live.values())
+        live_bytes = self._live_bytes()
         d = self._database.run(prune.measure, self._data_dir)
         d.addCallback(lambda usage: replace(usage, output_bytes=usage.output_bytes + live_bytes))
         return d
+
+    def _live_bytes(self) -> int:
+        """What queued and running tasks' spools hold on disk now."""
+        return sum(kept_bytes(live.output) for live in self._live.values())
 
     def ended_tasks(self, after_seq: int, limit: int,
                     finished_before: float | None = None) -> Deferred[prune.Batch]:

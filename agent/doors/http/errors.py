@@ -59,6 +59,13 @@ class TooManyTasks(ApiError):
     retry_after = 1  # a running task may end at any moment
 
 
+class InsufficientStorage(ApiError):
+    """The running tasks' output fills --keep-bytes; retrying once some end may work."""
+
+    status = 507
+    retry_after = 5
+
+
 class Unavailable(ApiError):
     """The agent cannot do this now (its history cannot be written); retrying later may work."""
 

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from agent._twisted_compat import client_gone
 from agent.core.allowlist import NotAllowed
-from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
+from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, HistoryFull, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.engine import Engine
 from agent.core.request import for_log
@@ -23,7 +23,8 @@ from agent.core.task import Task
 from agent.history.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
 from agent.doors.http.body import TaskSpec, parse_task, read_json
 from agent.doors.http.auth import Principal, require
-from agent.doors.http.errors import (BadRequest, Conflict, Forbidden, NotFound, TooManyTasks,
+from agent.doors.http.errors import (BadRequest, Conflict, Forbidden, InsufficientStorage,
+                                     NotFound, TooManyTasks,
                                      Unavailable, Unprocessable)
 from agent.doors.http.output import OutputStreamer
 from agent.doors.http.query import arg, arg_header, choice_arg, int_arg
@@ -189,8 +190,10 @@ class TaskEndpoints:
 
     def _refused(self, failure, spec: TaskSpec):
         """Each refusal as its HTTP error (the router maps those to statuses)."""
-        refusal = failure.trap(NotAllowed, Busy, ShuttingDown, HistoryDown, KeyConflict,
-                               KeyForgotten)
+        refusal = failure.trap(NotAllowed, Busy, ShuttingDown, HistoryDown, HistoryFull,
+                               KeyConflict, KeyForgotten)
+        if refusal is HistoryFull:
+            raise InsufficientStorage(failure.value.message)
         if refusal is NotAllowed:
             raise Forbidden(failure.value.message)
         if refusal is Busy:

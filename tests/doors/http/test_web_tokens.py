@@ -199,3 +199,17 @@ async def test_a_command_off_the_allow_list_is_403_and_one_on_it_runs(make_api, 
     assert not (tmp_path / "x").exists()
     response = await api.request("POST", "/run", {"command": "echo", "args": ["allowed"]})
     assert (response.code, await response.text()) == (200, "allowed\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_tasks_are_507_while_running_tasks_output_alone_fills_keep_bytes(make_api):
+    from tests.webapi import eventually
+    api = make_api(args=["--keep-bytes", "100000"])
+    big = await api.start("sh", "-c", "head -c 200000 /dev/zero; exec sleep 30")
+    await eventually(lambda: api.json("GET", f"/tasks/{big['id']}"),
+                     lambda record: record["stdout_bytes"] >= 200_000)
+    refused = await api.request("POST", "/tasks", {"command": "true"})
+    assert refused.code == 507 and refused.headers.getRawHeaders("Retry-After") == ["5"]
+    assert "--keep-bytes" in (await refused.json())["error"]
+    await api.json("POST", f"/tasks/{big['id']}/cancel")
+    await api.json("POST", "/tasks", {"command": "true"}, expect=201)
