@@ -28,6 +28,10 @@ class Options(usage.Options):
         ["max-queue", None, 10000,
          "With --when-busy queue: most TCP tasks waiting for a slot; past it a request is "
          "answered 'cannot allow concurrent executions' at once. 0 = no bound.", int],
+        ["max-queue-bytes", None, 64 << 20,
+         "With --when-busy queue: most bytes of command lines waiting for a slot, added up; "
+         "past it a request is answered 'cannot allow concurrent executions' at once. "
+         "0 = no bound.", int],
         ["max-line", None, 1 << 20, "Longest request line in bytes; longer ones get an error result.", int],
         ["max-output-bytes", None, 256 << 20,
          "Most stdout bytes one TCP task may write; beyond it the task is killed "
@@ -81,6 +85,8 @@ class Options(usage.Options):
             raise usage.UsageError("--when-busy must be reject or queue")
         if self["log-tasks"] not in LOG_TASKS:
             raise usage.UsageError("--log-tasks must be all, failures or none")
+        if self["max-queue-bytes"] < 0:
+            raise usage.UsageError("--max-queue-bytes must be 0 (no bound) or more")
         if self["max-queue"] < 0:
             raise usage.UsageError("--max-queue must be 0 (no bound) or more")
         if self["max-line"] < 64:

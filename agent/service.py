@@ -198,7 +198,7 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     release.setServiceParent(agent)
     retention.setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
-                max_waiting=options["max-queue"])
+                max_waiting=options["max-queue"], max_waiting_bytes=options["max-queue-bytes"])
     protected = options["protected-mode"] == "yes"
     agent.tcp_factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"],
                                         clock=reactor, max_output=options["max-output-bytes"],

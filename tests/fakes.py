@@ -88,8 +88,10 @@ class MemoryHistory:
     def observe(self, task) -> None:
         if task.request.id is not None:
             self.keys[task.request.id] = task.id
-        self.records[task.id] = SimpleNamespace(id=task.id, command=task.request.command,
-                                                state=task.state, outcome=task.outcome)
+        command = task.request.command
+        self.records[task.id] = SimpleNamespace(id=task.id, command=command, state=task.state,
+                                                outcome=task.outcome,
+                                                is_command=lambda argv: tuple(argv) == command)
 
     def observe_cleanup(self, task) -> None:
         self.cleanups.append((task.id, task.cleanup))

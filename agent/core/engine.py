@@ -43,7 +43,7 @@ class History(Protocol):
         """The id of the task submitted with this idempotency key, if the history has one."""
 
     def get(self, task_id: str) -> Deferred:
-        """The task's record (with .command and .outcome), or None once removed."""
+        """The task's record (with .id, .is_command(argv) and .outcome), or None once removed."""
 
     def health(self) -> dict:
         """{"writable": bool, "error": str | None, ...}"""
@@ -133,7 +133,7 @@ class Engine:
         def decide(record) -> Replay:
             if record is None:  # pruned or purged between the two looks
                 raise KeyForgotten(request.id)
-            if tuple(record.command) != request.command:
+            if not record.is_command(request.command):
                 raise KeyConflict(request.id)
             return Replay(record)
         return self._history.get(task_id).addCallback(decide)
@@ -144,7 +144,7 @@ class Engine:
         is full and rejects, ShuttingDown once the agent stops. Doors use admit."""
         if not self.accepting:
             raise ShuttingDown()
-        slot = lane.acquire()
+        slot = lane.acquire(sum(map(len, request.command)))
         task = Task(request, source, sink, uuid.uuid4().hex, held, launched_by)
         self.live[task.id] = task
         if request.id is not None:

@@ -14,7 +14,6 @@ recovery, sweep, lock, prune (removal), spool (output files), keyindex.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -171,7 +170,7 @@ class Store:
             if task.request.id:
                 self._keys.remember(task.request.id, task.id)
             live = self._live[task.id] = Live(
-                self._reactor.seconds(), json.dumps(list(task.request.command)),
+                self._reactor.seconds(), task.request.command,
                 TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes
                            if self._keeps_output_of(task) else 0))
         return live

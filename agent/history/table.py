@@ -24,11 +24,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     stdout_bytes INTEGER NOT NULL, stderr_bytes INTEGER NOT NULL,
     stdout_dropped INTEGER NOT NULL, stderr_dropped INTEGER NOT NULL,
     timeout REAL, request_id TEXT, proc_start INTEGER, session INTEGER,
-    reason TEXT, signal INTEGER, cleanup TEXT, launched_by TEXT
+    reason TEXT, signal INTEGER, cleanup TEXT, launched_by TEXT,
+    command_cut INTEGER NOT NULL DEFAULT 0, command_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, seq);
 """
-_ADDED_COLUMNS = {"reason": "TEXT", "signal": "INTEGER", "cleanup": "TEXT", "launched_by": "TEXT"}
+_ADDED_COLUMNS = {"reason": "TEXT", "signal": "INTEGER", "cleanup": "TEXT", "launched_by": "TEXT",
+                  "command_cut": "INTEGER NOT NULL DEFAULT 0", "command_sha256": "TEXT"}
 """Columns later versions added: a history written by an older agent gets them on open."""
 _UPSERT = (f"INSERT INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
            f"ON CONFLICT (id) DO UPDATE SET "

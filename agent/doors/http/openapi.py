@@ -34,6 +34,9 @@ TASK_PROPERTIES: dict[str, Any] = {
                "description": "the signal that killed it, when the agent did not send it"},
     "cleanup": {"type": "string", "nullable": True, "enum": ["complete", "incomplete", None],
                 "description": "whether its process group was verified empty after the end"},
+    "command_cut": {"type": "integer", "minimum": 0,
+                    "description": "bytes of the command's JSON the record does not keep "
+                                   "(past 64 KiB; the task itself got its whole argv)"},
     "launched_by": {"type": "string", "nullable": True,
                     "description": "who asked for it: 'token:NAME' over HTTP; over TCP "
                                    "'cert:SUBJECT' with client certificates, else 'tcp:HOST:PORT'"},

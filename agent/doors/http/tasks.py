@@ -69,6 +69,7 @@ def task_json(record: TaskRecord) -> dict[str, Any]:
         "signal": record.signal,
         "cleanup": record.cleanup,
         "launched_by": record.launched_by,
+        "command_cut": record.command_cut,
     }
 
 

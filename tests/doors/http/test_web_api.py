@@ -161,7 +161,7 @@ async def _tcp_task(api, line: bytes) -> dict:
                              interface="127.0.0.1")
     try:
         result = json.loads(await _tcp_round_trip(port.getHost().port, line))
-        assert result["exit_code"] == 0
+        assert result["exit_code"] == 0, result["error"]
         return (await api.json("GET", "/tasks?limit=1"))["tasks"][0]
     finally:
         await port.stopListening()
@@ -181,3 +181,19 @@ async def _async(value):
     return value
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_huge_argv_is_cut_in_the_record_and_its_retry_still_replays(api):
+    half = "z" * 100_000  # one argument may hold at most 128 KiB (MAX_ARG_STRLEN)
+    big = half + " " + half
+    line = json.dumps({"command": ["echo", "-n", half, half], "id": "big-argv"}).encode() + b"\n"
+    first = await _tcp_task(api, line)
+    assert first["command_cut"] > 130_000 and first["command"][:2] == ["echo", "-n"]
+    assert len(json.dumps(first["command"])) <= 64 << 10
+    port = reactor.listenTCP(0, api.tcp_factory, interface="127.0.0.1")
+    try:
+        again = json.loads(await _tcp_round_trip(port.getHost().port, line))
+    finally:
+        await port.stopListening()
+    assert again["replayed"] is True and again["output"] == big, "the whole output, not a conflict"
