@@ -66,6 +66,11 @@ class InsufficientStorage(ApiError):
     retry_after = 5
 
 
+class TooManyFollowers(ApiError):
+    status = 429
+    retry_after = 1
+
+
 class Unavailable(ApiError):
     """The agent cannot do this now (its history cannot be written); retrying later may work."""
 

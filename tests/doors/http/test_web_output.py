@@ -8,6 +8,7 @@ import json
 import socket
 import sys
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import gatherResults
@@ -340,3 +341,31 @@ def _parse_events(text: str) -> list[tuple[str, dict]]:
 
 async def _value(value):
     return value
+
+
+def test_followers_are_capped_in_all_and_per_token_and_freed_when_they_end():
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import Deferred
+
+    from agent.doors.http.errors import TooManyFollowers
+    from agent.doors.http.output import Followers
+    followers = Followers(limit=3, per_token=2)
+    ends = []
+
+    def request(name):
+        end = Deferred()
+        ends.append(end)
+        return SimpleNamespace(principal=SimpleNamespace(name=name), notifyFinish=lambda: end)
+    followers.hold(request("a"))
+    followers.hold(request("a"))
+    with pytest.raises(TooManyFollowers, match="'a' already holds 2"):
+        followers.hold(request("a"))
+    followers.hold(request("b"))
+    with pytest.raises(TooManyFollowers, match="3 follow responses"):
+        followers.hold(request("c"))
+    ends[0].errback(Exception("client gone"))  # a dropped follower frees its place
+    ends[1].callback(None)  # so does one that finished
+    followers.hold(request("a"))
+    followers.hold(request("c"))
+    assert followers.open == 3
