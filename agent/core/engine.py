@@ -144,7 +144,7 @@ class Engine:
         is full and rejects, ShuttingDown once the agent stops. Doors use admit."""
         if not self.accepting:
             raise ShuttingDown()
-        slot = lane.acquire(sum(map(len, request.command)))
+        slot = lane.acquire(request.command)
         task = Task(request, source, sink, uuid.uuid4().hex, held, launched_by)
         self.live[task.id] = task
         if request.id is not None:

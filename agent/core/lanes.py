@@ -1,6 +1,8 @@
 """Concurrency limits: how many tasks a door (or the whole node) may run at once."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 
 from agent.core.decisions import Busy
@@ -30,12 +32,13 @@ class Lane:
     def running(self) -> int:
         return 0 if self._slots is None else self._slots.limit - self._slots.tokens
 
-    def acquire(self, size: int = 0) -> Deferred:
-        """A slot for a request of size bytes: at once, later (queued), or Busy."""
+    def acquire(self, command: Sequence[str] = ()) -> Deferred:
+        """A slot for a request: at once, later (queued, its command's bytes counted), or Busy."""
         if self._slots is None:
             return succeed(None)
         if self._slots.tokens > 0:
             return self._slots.acquire()
+        size = sum(map(len, command))
         if (not self.queue or 0 < self.max_waiting <= self.waiting
                 or 0 < self.max_waiting_bytes < self.waiting_bytes + size):
             raise Busy()
