@@ -60,8 +60,15 @@ def resolve_limits(limits: Sequence[tuple[str, int]]) -> list[tuple[int, tuple[i
         if resource is None or not hasattr(resource, constant):
             raise LimitsUnsupported(f"limits.{name} is not supported on this platform")
         soft = value * multiplier
+        if soft + headroom > MAX_RLIMIT:
+            raise LimitsUnsupported(f"limits.{name} = {value} is more than the kernel accepts")
         resolved.append((getattr(resource, constant), (soft, soft + headroom)))
     return resolved
+
+
+MAX_RLIMIT = (1 << 63) - 1
+"""The largest finite limit setrlimit takes here; beyond it the child's setrlimit would
+fail after the fork, and the task would seem to have run and exited 1."""
 
 
 class LargeChunkReader(process.ProcessReader):
@@ -162,7 +169,7 @@ class GroupProcess(process.Process):
             super()._execChild(path, uid, gid, executable, args, environment)
         except OSError as e:
             os.write(self._exec_report_fd, str(e.errno or errno.ENOEXEC).encode())
-        except ValueError:  # setrlimit: above the hard limit
+        except (ValueError, OverflowError):  # setrlimit: above the hard limit, or too large
             os.write(self._exec_report_fd, str(errno.EPERM).encode())
         os._exit(127)
 
