@@ -24,16 +24,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     stdout_bytes INTEGER NOT NULL, stderr_bytes INTEGER NOT NULL,
     stdout_dropped INTEGER NOT NULL, stderr_dropped INTEGER NOT NULL,
     timeout REAL, request_id TEXT, proc_start INTEGER, session INTEGER,
-    reason TEXT, signal INTEGER, cleanup TEXT
+    reason TEXT, signal INTEGER, cleanup TEXT, launched_by TEXT,
+    command_cut INTEGER NOT NULL DEFAULT 0, command_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, seq);
 """
-_ADDED_COLUMNS = {"reason": "TEXT", "signal": "INTEGER", "cleanup": "TEXT"}
+_ADDED_COLUMNS = {"reason": "TEXT", "signal": "INTEGER", "cleanup": "TEXT", "launched_by": "TEXT",
+                  "command_cut": "INTEGER NOT NULL DEFAULT 0", "command_sha256": "TEXT"}
 """Columns later versions added: a history written by an older agent gets them on open."""
 _UPSERT = (f"INSERT INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
            f"ON CONFLICT (id) DO UPDATE SET "
            + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c not in ("id", "created_at")))
 _SELECT = f"SELECT seq, {', '.join(COLUMNS)} FROM tasks"
+_COMMAND = 1 + COLUMNS.index("command")
 _ENDED_MARKS = ", ".join("?" * len(ENDED))
 _KEPT = "stdout_bytes - stdout_dropped + stderr_bytes - stderr_dropped"
 
@@ -73,9 +76,17 @@ def select_one(connection: sqlite3.Connection, task_id: str) -> TaskRecord | Non
     return None if row is None else from_row(row)[1]
 
 
+PAGE_BYTES = 4 << 20
+"""About the most a page's records may weigh: a page ends early past it (a listing of
+1000 records of 300 kB each answered 300 MB and took the agent to 940 MB)."""
+_RECORD_OVERHEAD = 700
+"""What a record's JSON weighs beyond its command, error and launched_by, at most."""
+
+
 def select_page(connection: sqlite3.Connection, state: str | None, limit: int,
-                before: int | None) -> Page:
-    """Newest first, up to limit, before the cursor's seq; state None for every state."""
+                before: int | None, max_bytes: int = PAGE_BYTES) -> Page:
+    """Newest first, up to limit (and about max_bytes, but at least one record), before the
+    cursor's seq; state None for every state."""
     where, args = [], []
     if state is not None:
         where.append("state = ?")
@@ -84,10 +95,15 @@ def select_page(connection: sqlite3.Connection, state: str | None, limit: int,
         where.append("seq < ?")
         args.append(before)
     sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq DESC LIMIT ?"
-    rows = [from_row(row) for row in connection.execute(sql, (*args, limit + 1))]
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page([record for _, record in rows], str(rows[-1][0]) if more else None)
+    rows, weight = [], 0
+    for row in connection.execute(sql, (*args, limit + 1)):
+        seq, record = from_row(row)
+        weight += _RECORD_OVERHEAD + sum(len(str(v)) for v in (row[_COMMAND], record.error,
+                                                              record.launched_by) if v)
+        if rows and (len(rows) == limit or weight > max_bytes):
+            return Page([r for _, r in rows], str(rows[-1][0]))
+        rows.append((seq, record))
+    return Page([record for _, record in rows], None)
 
 
 MAX_INTEGER = (1 << 63) - 1

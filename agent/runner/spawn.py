@@ -60,8 +60,15 @@ def resolve_limits(limits: Sequence[tuple[str, int]]) -> list[tuple[int, tuple[i
         if resource is None or not hasattr(resource, constant):
             raise LimitsUnsupported(f"limits.{name} is not supported on this platform")
         soft = value * multiplier
+        if soft + headroom > MAX_RLIMIT:
+            raise LimitsUnsupported(f"limits.{name} = {value} is more than the kernel accepts")
         resolved.append((getattr(resource, constant), (soft, soft + headroom)))
     return resolved
+
+
+MAX_RLIMIT = (1 << 63) - 1
+"""The largest finite limit setrlimit takes here; beyond it the child's setrlimit would
+fail after the fork, and the task would seem to have run and exited 1."""
 
 
 class LargeChunkReader(process.ProcessReader):
@@ -162,7 +169,7 @@ class GroupProcess(process.Process):
             super()._execChild(path, uid, gid, executable, args, environment)
         except OSError as e:
             os.write(self._exec_report_fd, str(e.errno or errno.ENOEXEC).encode())
-        except ValueError:  # setrlimit: above the hard limit
+        except (ValueError, OverflowError):  # setrlimit: above the hard limit, or too large
             os.write(self._exec_report_fd, str(errno.EPERM).encode())
         os._exit(127)
 
@@ -181,13 +188,14 @@ def _give_back_open_file_limit(pid: int) -> None:
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
                    cwd: str | None = None, child_fds: Mapping[int, object] | None = None,
-                   limits: Sequence[tuple[str, int]] = ()):
+                   limits: Sequence[tuple[str, int]] = (), executable: str | None = None):
     """Start argv as a new process group connected to protocol; raise OSError if it cannot start.
 
     argv[0] without a slash is searched on PATH; with one it is relative to
-    the task's working directory. limits are (name, value) pairs of RLIMITS.
+    the task's working directory, unless executable names the file to run.
+    limits are (name, value) pairs of RLIMITS.
     """
     environment = environment_bytes() if env is None else dict(env)  # the agent's, as it is now
-    return GroupProcess(reactor, argv[0], list(argv), environment, cwd, protocol,
+    return GroupProcess(reactor, executable or argv[0], list(argv), environment, cwd, protocol,
                         childFDs=dict(child_fds or {0: "w", 1: "r", 2: "r"}),
                         rlimits=resolve_limits(limits))

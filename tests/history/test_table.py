@@ -33,3 +33,35 @@ async def test_a_history_from_an_older_agent_gains_the_new_columns(tmp_path):
     finally:
         await store.close()
     assert (record.state, record.reason, record.cleanup) == ("succeeded", None, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_ends_early_past_its_bytes_and_the_cursor_goes_on_without_gaps(harness):
+    from agent.history import table
+    from tests.fakes import exit_with
+    ids = []
+    for n in range(5):
+        ids.append(harness.submit("echo", "x" * 3000, str(n)).id)
+        exit_with(harness.spawn.protocol())
+    await harness.store.get(ids[-1])  # written
+    seen, before, sizes = [], None, []
+    while True:
+        page = await harness.store._database.run(table.select_page, None, 100, before, 8000)
+        sizes.append(len(page.records))
+        seen += [r.id for r in page.records]
+        if page.next is None:
+            break
+        before = int(page.next)
+    assert seen == ids[::-1]
+    assert max(sizes) == 2 and len(sizes) == 3, sizes
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_always_holds_at_least_one_record(harness):
+    from agent.history import table
+    from tests.fakes import exit_with
+    task = harness.submit("echo", "y" * 20_000)
+    exit_with(harness.spawn.protocol())
+    await harness.store.get(task.id)
+    page = await harness.store._database.run(table.select_page, None, 10, None, 1)
+    assert [r.id for r in page.records] == [task.id] and page.next is None

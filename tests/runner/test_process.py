@@ -281,6 +281,15 @@ async def test_a_limit_that_cannot_be_applied_is_a_start_failure():
     assert outcome.ending is Ending.START_FAILED and "not permitted" in outcome.error
 
 
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("memory_mb", [9_999_999_999_999, 1 << 44])
+async def test_a_memory_limit_larger_than_the_kernel_takes_is_a_start_failure(memory_mb):
+    """It used to fail in the child after the fork: 'ran, exit 1' (issue 15)."""
+    runner, _ = _run(["true"], limits=(("memory_mb", memory_mb),))
+    outcome = await runner.ended
+    assert outcome.ending is Ending.START_FAILED, outcome
+    assert "more than the kernel accepts" in outcome.error
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_pipe_is_grown_only_once_its_writer_fills_it():

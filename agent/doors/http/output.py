@@ -19,7 +19,7 @@ from zope.interface import implementer
 from agent._twisted_compat import client_gone
 from agent.history.spool import STREAMS, StreamReader, TaskOutput
 from agent.history.store import Store, TaskRecord
-from agent.doors.http.errors import BadRequest, NotFound
+from agent.doors.http.errors import BadRequest, NotFound, TooManyFollowers
 from agent.doors.http.query import choice_arg, int_arg
 from agent.doors.http.router import STREAMING
 
@@ -223,15 +223,53 @@ class OutputStreamer:
             reader.close()
 
 
+MAX_FOLLOWERS = 256
+"""Follow responses open at once on the whole agent: each holds a connection, a reader
+and a timer for as long as its task runs, which may be hours."""
+MAX_FOLLOWERS_PER_TOKEN = 64
+
+
+class Followers:
+    """Counts open follow responses, in all and per token, and refuses past the limits."""
+
+    def __init__(self, limit: int = MAX_FOLLOWERS, per_token: int = MAX_FOLLOWERS_PER_TOKEN):
+        self._limit, self._per_token = limit, per_token
+        self._by_token: dict[str, int] = {}
+
+    @property
+    def open(self) -> int:
+        return sum(self._by_token.values())
+
+    def hold(self, request) -> None:
+        """Count this response until it ends (finished, or its client gone); 429 past a limit."""
+        name = request.principal.name
+        if self.open >= self._limit:
+            raise TooManyFollowers(f"{self._limit} follow responses are already open on this "
+                                   "agent; close one, or read without ?follow=true")
+        if self._by_token.get(name, 0) >= self._per_token:
+            raise TooManyFollowers(f"the token {name!r} already holds {self._per_token} follow "
+                                   "responses open; close one")
+        self._by_token[name] = self._by_token.get(name, 0) + 1
+        request.notifyFinish().addBoth(self._let_go, name)
+
+    def _let_go(self, _, name: str) -> None:
+        self._by_token[name] -= 1
+        if not self._by_token[name]:
+            del self._by_token[name]
+
+
 class OutputEndpoint:
-    def __init__(self, store: Store, clock=None):
+    def __init__(self, store: Store, clock=None, followers: Followers | None = None):
         self._store = store
         self._clock = clock
+        self._followers = followers if followers is not None else Followers()
 
     def get(self, request, id: str):
         fds = STREAM_CHOICES[choice_arg(request, "stream", tuple(STREAM_CHOICES), "stdout")]
         offsets = _offsets(request)
         follow = _follow(request)
+        if follow:
+            self._followers.hold(request)
         form = ServerSentEvents(offsets) if _wants_events(request) else PlainText()
         found = self._store.get(id)
         found.addCallback(self._stream, request, id, fds, offsets, follow, form)

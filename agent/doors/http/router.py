@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from agent._twisted_compat import client_gone
+from agent.doors.http.auth import Principal, require
 from agent.doors.http.errors import ApiError, MethodNotAllowed, NotFound
 
 log = Logger()
@@ -43,7 +44,12 @@ class Route:
     pattern: str
     """A path with {name} segments, e.g. /tasks/{id}/output."""
     handler: Callable[..., Any]
-    auth: bool = True
+    scope: str | None = "read"
+    """What the caller's token must allow (agent.doors.http.auth.SCOPES); None: no token."""
+
+    @property
+    def auth(self) -> bool:
+        return self.scope is not None
 
     def match(self, segments: list[str]) -> dict[str, str] | None:
         parts = self.pattern.strip("/").split("/")
@@ -63,7 +69,7 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, routes: list[Route], authorize: Callable[[Any], None]):
+    def __init__(self, routes: list[Route], authorize: Callable[[Any], Principal]):
         super().__init__()
         self.routes = routes
         self._authorize = authorize
@@ -72,8 +78,10 @@ class Router(Resource):
         request.setHeader(b"Server", b"agent")  # not Twisted's name and version
         try:
             if not self._open(request):  # before any lookup: no 404/405 map of the API for strangers
-                self._authorize(request)
+                request.principal = self._authorize(request)
             route, params = self._route(request)
+            if route.auth:
+                require(request.principal, route.scope)
             result = route.handler(request, **params)
         except Exception:
             self._fail(Failure(), request)
@@ -92,7 +100,8 @@ class Router(Resource):
     def _open(self, request) -> bool:
         """The request is for a route that needs no token (/healthz)."""
         method, _, segments = _target(request)
-        return any(not route.auth and route.method == method and route.match(segments) is not None
+        return any(route.scope is None and route.method == method
+                   and route.match(segments) is not None
                    for route in self.routes)
 
     def _route(self, request) -> tuple[Route, dict[str, str]]:

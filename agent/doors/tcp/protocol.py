@@ -38,6 +38,9 @@ only way to tell a half-close (results still wanted) from a peer that left."""
 
 log = Logger()
 
+_LATER = object()
+"""What _admitted returns for a started task: its answer is counted when it is delivered."""
+
 _WIRE_ERRORS = {Busy: BUSY_ERROR, ShuttingDown: SHUTTING_DOWN_ERROR}
 """Refusals whose TCP error text the protocol fixes (seed A's words); the others send their message."""
 
@@ -115,10 +118,10 @@ class TaskLineProtocol(LineReceiver):
             return
         self._answering += 1
         decided = self._engine.admit(request, self._lane, StdoutCollector(), "tcp", held=True,
+                                     launched_by=self._launched_by,
                                      output_limit=self._max_output)
-        decided.addCallbacks(self._admitted, self._refused, callbackArgs=(request,),
+        decided.addCallbacks(self._admitted, self._not_admitted, callbackArgs=(request,),
                              errbackArgs=(request,))
-        decided.addErrback(self._replay_failed, request)
         decided.addBoth(self._answered)
 
     def _refuse_http(self) -> None:
@@ -132,6 +135,8 @@ class TaskLineProtocol(LineReceiver):
     def connectionMade(self):
         self._connections.joined()
         self._lines = LineWriter(self.transport, self._backlog, self._results_stuck)
+        self._launched_by = "tcp:" + _describe(self.transport.getPeer())
+        """Who the tasks of this connection are recorded as launched by."""
 
     # -- clients that stall: a partial line for too long, results not taken
 
@@ -174,21 +179,29 @@ class TaskLineProtocol(LineReceiver):
     # -- the engine's decision, in the wire format
 
     def _admitted(self, decision: Decision, request: TaskRequest):
-        if isinstance(decision, Started):
+        if isinstance(decision, Started):  # the common case: no chained Deferred
             self._pending.add(decision.task)
-            return decision.task.ended().addCallback(self._deliver, decision.task)
+            decision.task.ended().addCallback(self._deliver, decision.task) \
+                .addBoth(self._answered)
+            return _LATER
         if isinstance(decision, Attached):
             self._pending.add(decision.task)
             ended = decision.task.ended()
             ended.addCallback(self._left_pending, decision.task)
             ended.addCallback(lambda _: self._engine.history.get(decision.task.id))
-            return ended.addCallback(self._send_replay, request)
+            ended.addCallback(self._send_replay, request)
+            return ended.addErrback(self._not_admitted, request)
         return self._send_replay(decision.record, request)
 
-    def _refused(self, failure, request: TaskRequest) -> None:
-        failure.trap(Refused)
-        self._send(encode_error(_WIRE_ERRORS.get(type(failure.value), failure.value.message),
-                                list(request.command), request.id))
+    def _not_admitted(self, failure, request: TaskRequest) -> None:
+        """A refusal in its wire words; anything else is the history failing a replay."""
+        if failure.check(Refused):
+            message = _WIRE_ERRORS.get(type(failure.value), failure.value.message)
+        else:
+            log.failure("answering a repeated id {id!r} from the history", failure,
+                        id=request.id)
+            message = "the task history cannot be read; try again"
+        self._send(encode_error(message, list(request.command), request.id))
 
     def _left_pending(self, result, task: Task):
         self._pending.discard(task)
@@ -221,14 +234,9 @@ class TaskLineProtocol(LineReceiver):
             lambda chunks: encode_result_pieces(list(request.command), record.outcome, chunks,
                                                 request.id, extra), stdout, 0))
 
-    def _replay_failed(self, failure, request: TaskRequest) -> None:
-        if failure.check(Refused):
-            return self._refused(failure, request)
-        log.failure("answering a repeated id {id!r} from the history", failure, id=request.id)
-        self._send(encode_error("the task history cannot be read; try again",
-                                list(request.command), request.id))
-
-    def _answered(self, _) -> None:
+    def _answered(self, result) -> None:
+        if result is _LATER:
+            return
         self._answering -= 1
         self._close_when_done()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from treq.testing import StubTreq
 
-from agent.doors.http.auth import BearerAuth, NoToken, load_or_create_token
+from agent.doors.http.auth import NoToken, TokenAuth, load_or_create_token
 from agent.doors.http.errors import Conflict
 from agent.doors.http.router import Response, Route, Router
 
@@ -21,14 +21,14 @@ def conflict(request, id):
 
 @pytest.fixture
 def stub():
-    router = Router([Route("GET", "/healthz", lambda r: Response(200, {"status": "ok"}), auth=False),
+    router = Router([Route("GET", "/healthz", lambda r: Response(200, {"status": "ok"}), scope=None),
                      Route("GET", "/boom", boom),
                      Route("POST", "/things/{id}/poke", conflict),
                      Route("GET", "/things/{id}", lambda r, id: Response(200, {"id": id})),
                      Route("GET", "/odd", lambda r: Response(200, {"text": "\ud800"})),
                      Route("GET", "/broken-headers",
                            lambda r: Response(200, {"ok": 1}, {b"X-Bad": object()}))],
-                    BearerAuth(TOKEN))
+                    TokenAuth({}).with_admin(TOKEN))
     return StubTreq(router)
 
 
