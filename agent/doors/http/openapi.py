@@ -5,7 +5,9 @@ from typing import Any
 
 from agent.core.request import LIMIT_NAMES
 from agent.core.outcome import REASONS
+from agent.doors.http.output import MAX_OFFSET
 from agent.history.store import STATES
+from agent.history.table import MAX_INTEGER
 
 TASK_PROPERTIES: dict[str, Any] = {
     "id": {"type": "string", "description": "32 hex digits"},
@@ -178,7 +180,9 @@ def document() -> dict[str, Any]:
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
                                     "default": 50}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+                        {"name": "cursor", "in": "query",
+                         "description": "a page's next, as it was sent",
+                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}}],
                     "responses": {"200": {"description": "one page", **_json("TaskPage")},
                                   "400": _error("a bad parameter"), **_REFUSED}}},
             "/tasks/{id}": {
@@ -217,13 +221,13 @@ def document() -> dict[str, Any]:
                             "type": "string", "enum": ["stdout", "stderr", "both"],
                             "default": "stdout"}},
                         {"name": "offset", "in": "query", "schema": {
-                            "type": "integer", "minimum": 0, "default": 0},
+                            "type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
                          "description": "byte offset to start each stream at"},
                         {"name": "stdout_offset", "in": "query", "schema": {
-                            "type": "integer", "minimum": 0},
+                            "type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
                          "description": "byte offset for stdout alone (overrides offset)"},
                         {"name": "stderr_offset", "in": "query", "schema": {
-                            "type": "integer", "minimum": 0},
+                            "type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
                          "description": "byte offset for stderr alone (overrides offset)"},
                         {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
                          "description": "the id of the last event received (stdout:N,stderr:M), "
