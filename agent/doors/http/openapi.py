@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.core.request import LIMIT_NAMES
+from agent.core.request import LIMIT_NAMES, MAX_ID
 from agent.core.outcome import REASONS
 from agent.doors.http.output import MAX_OFFSET
 from agent.history.store import STATES
@@ -44,6 +44,12 @@ TASK_PROPERTIES: dict[str, Any] = {
                                    "'cert:SUBJECT' with client certificates, else 'tcp:HOST:PORT'"},
 }
 
+NO_NUL = r"^[^\x00]*$"
+"""What every string of a command must match: exec cannot pass a NUL."""
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
+"""What an id (an idempotency key) must match: it reaches logs and headers."""
+_KEY = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL}
+
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -63,9 +69,10 @@ def _error(description: str, retry_after: bool = False) -> dict:
 _REFUSED = {"401": _error("no or a wrong bearer token"),
             "403": _error("the token lacks the scope this needs (the message names it)")}
 _IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
+    "name": "Idempotency-Key", "in": "header", "schema": _KEY,
     "description": "the task's id, as the body's id: a key the agent already knows starts "
-                   "nothing; the answer is about the task it named (Idempotent-Replayed: true)"}
+                   "nothing; the answer is about the task it named (Idempotent-Replayed: true). "
+                   "With an id in the body too, both must be the same (422 otherwise)"}
 _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
              "422": _error("a field of the wrong type (the message names it), or a known "
                            "id/Idempotency-Key sent with a different command"),
@@ -97,13 +104,18 @@ def document() -> dict[str, Any]:
                 "NewTask": {
                     "type": "object", "required": ["command"], "additionalProperties": False,
                     "properties": {
-                        "command": {"type": "string", "description": "the program; no shell"},
-                        "args": {"type": "array", "items": {"type": "string"}},
+                        "command": {"type": "string", "minLength": 1, "pattern": NO_NUL,
+                                    "description": "the program; no shell"},
+                        "args": {"type": "array",
+                                 "items": {"type": "string", "pattern": NO_NUL}},
                         "timeout": {"type": "number", "minimum": 0,
                                     "description": "seconds; 0 or absent: none"},
-                        "env": {"type": "object", "additionalProperties": {"type": "string"},
+                        "env": {"type": "object",
+                                "additionalProperties": {"type": "string", "pattern": NO_NUL},
                                 "description": "added to the agent's environment; not stored"},
-                        "cwd": {"type": "string"},
+                        "cwd": {"type": "string", "minLength": 1, "pattern": NO_NUL,
+                                "description": "a directory the agent can see (422 if it "
+                                               "is not one)"},
                         "limits": {"type": "object", "additionalProperties": False,
                                    "description": "resource limits applied in the child, as on TCP",
                                    "properties": {name: {"type": "integer", "minimum": 1}
@@ -113,7 +125,7 @@ def document() -> dict[str, Any]:
                             "description": "end the task (reason output_cap) once it has written "
                                            "this many stdout bytes; absent: no cap, and "
                                            "--max-log-bytes keeps the newest output"},
-                        "id": {"type": "string", "minLength": 1, "maxLength": 1024,
+                        "id": {**_KEY,
                                "description": "idempotency key (or the Idempotency-Key header): "
                                               "a task with a key the agent knows is not started "
                                               "again; the answer is that task"},
