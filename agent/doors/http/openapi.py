@@ -1,4 +1,8 @@
-"""GET /openapi.json: the API described in OpenAPI 3.0; a test holds it to the real routes."""
+"""GET /openapi.json: the API described in OpenAPI 3.1; tests hold it to the real routes
+and fuzz the API against it (tests/doors/http/test_schemathesis.py).
+
+3.1, not 3.0: its schemas are JSON Schema 2020-12, which can say what an
+environment variable's name must be (propertyNames)."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,37 +19,39 @@ TASK_PROPERTIES: dict[str, Any] = {
     "state": {"type": "string", "enum": list(STATES)},
     "source": {"type": "string", "enum": ["tcp", "http"]},
     "created_at": {"type": "string", "format": "date-time"},
-    "started_at": {"type": "string", "format": "date-time", "nullable": True},
-    "finished_at": {"type": "string", "format": "date-time", "nullable": True},
-    "duration_ms": {"type": "number", "nullable": True},
-    "exit_code": {"type": "integer", "nullable": True,
+    "started_at": {"type": ["string", "null"], "format": "date-time"},
+    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+    "duration_ms": {"type": ["number", "null"]},
+    "exit_code": {"type": ["integer", "null"],
                   "description": "-1 when the agent ended the task or it never started"},
-    "error": {"type": "string", "nullable": True,
+    "error": {"type": ["string", "null"],
               "description": "empty when the process exited on its own; null until it ended"},
-    "pid": {"type": "integer", "nullable": True},
-    "timeout": {"type": "number", "nullable": True, "description": "seconds"},
+    "pid": {"type": ["integer", "null"]},
+    "timeout": {"type": ["number", "null"], "description": "seconds"},
     "stdout_bytes": {"type": "integer", "description": "written so far, dropped ones included"},
     "stderr_bytes": {"type": "integer"},
     "stdout_dropped": {"type": "integer", "description": "oldest bytes not kept (--max-log-bytes)"},
     "stderr_dropped": {"type": "integer"},
-    "request_id": {"type": "string", "nullable": True,
+    "request_id": {"type": ["string", "null"],
                    "description": "the TCP request's id or the HTTP Idempotency-Key"},
-    "reason": {"type": "string", "nullable": True, "enum": [*REASONS, None],
+    "reason": {"type": ["string", "null"], "enum": [*REASONS, None],
                "description": "why it ended; null while it runs"},
-    "signal": {"type": "integer", "nullable": True,
+    "signal": {"type": ["integer", "null"],
                "description": "the signal that killed it, when the agent did not send it"},
-    "cleanup": {"type": "string", "nullable": True, "enum": ["complete", "incomplete", None],
+    "cleanup": {"type": ["string", "null"], "enum": ["complete", "incomplete", None],
                 "description": "whether its process group was verified empty after the end"},
     "command_cut": {"type": "integer", "minimum": 0,
                     "description": "bytes of the command's JSON the record does not keep "
                                    "(past 64 KiB; the task itself got its whole argv)"},
-    "launched_by": {"type": "string", "nullable": True,
+    "launched_by": {"type": ["string", "null"],
                     "description": "who asked for it: 'token:NAME' over HTTP; over TCP "
                                    "'cert:SUBJECT' with client certificates, else 'tcp:HOST:PORT'"},
 }
 
 NO_NUL = r"^[^\x00]*$"
 """What every string of a command must match: exec cannot pass a NUL."""
+ENV_NAME = r"^[^=\x00]*$"
+"""What an environment variable's name must match, besides not being empty."""
 NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
 """What an id (an idempotency key) must match: it reaches logs and headers."""
 _KEY = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL}
@@ -91,7 +97,7 @@ _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task"
 
 def document() -> dict[str, Any]:
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "agent HTTP API", "version": "1",
                  "description": "Run commands as long-running tasks, follow their output, "
                                 "cancel them, and read the history of every task, "
@@ -111,6 +117,7 @@ def document() -> dict[str, Any]:
                         "timeout": {"type": "number", "minimum": 0,
                                     "description": "seconds; 0 or absent: none"},
                         "env": {"type": "object",
+                                "propertyNames": {"minLength": 1, "pattern": ENV_NAME},
                                 "additionalProperties": {"type": "string", "pattern": NO_NUL},
                                 "description": "added to the agent's environment; not stored"},
                         "cwd": {"type": "string", "minLength": 1, "pattern": NO_NUL,
@@ -132,7 +139,7 @@ def document() -> dict[str, Any]:
                     }},
                 "TaskPage": {"type": "object", "required": ["tasks", "next"], "properties": {
                     "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
-                    "next": {"type": "string", "nullable": True,
+                    "next": {"type": ["string", "null"],
                              "description": "pass as ?cursor= for the next page"}}},
                 "Health": {"type": "object", "required": ["status", "running", "history"],
                            "properties": {
@@ -141,9 +148,9 @@ def document() -> dict[str, Any]:
                     "running": {"type": "integer"},
                     "history": {"type": "object", "properties": {
                         "writable": {"type": "boolean"},
-                        "error": {"type": "string", "nullable": True,
+                        "error": {"type": ["string", "null"],
                                   "description": "why writing fails"},
-                        "since": {"type": "string", "format": "date-time", "nullable": True},
+                        "since": {"type": ["string", "null"], "format": "date-time"},
                         "waiting": {"type": "integer",
                                     "description": "records kept in memory until they can be "
                                                    "written"},
