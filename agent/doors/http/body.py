@@ -118,9 +118,10 @@ def _key(field: Any, header: str | None) -> str | None:
 def _positive_int(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    whole = rules.whole_number(value)
+    if whole is None or whole < 1:
         raise Unprocessable(f'"{name}" must be a whole number of at least 1, not {value!r}')
-    return value
+    return whole
 
 
 def _env(value: Any) -> dict[str, str] | None:
