@@ -88,6 +88,22 @@ def parse_task(body: Any, idempotency_key: str | None = None) -> TaskSpec:
         raise Unprocessable(e.message) from None
 
 
+def header_key(request) -> str | None:
+    """The Idempotency-Key header's value (None if absent), which must be ASCII.
+
+    HTTP header values are ASCII (RFC 9110, 5.5): reading other bytes would mean
+    guessing their encoding, and replacing what does not decode would make two
+    different keys one. A key with other characters goes in the body's "id"."""
+    raw = request.getHeader(b"idempotency-key")
+    if raw is None:
+        return None
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise Unprocessable("the Idempotency-Key header must be ASCII; send a key with other "
+                            'characters as the body\'s "id"') from None
+
+
 def _command(value: Any) -> str:
     if value is None:
         raise Unprocessable('"command" is missing')

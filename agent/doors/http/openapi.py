@@ -55,6 +55,8 @@ ENV_NAME = r"^[^=\x00]*$"
 NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
 """What an id (an idempotency key) must match: it reaches logs and headers."""
 _KEY = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL}
+HEADER_KEY = r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$"
+"""A key in a header: printable ASCII, not blank (HTTP drops the spaces around a value)."""
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -75,9 +77,10 @@ def _error(description: str, retry_after: bool = False) -> dict:
 _REFUSED = {"401": _error("no or a wrong bearer token"),
             "403": _error("the token lacks the scope this needs (the message names it)")}
 _IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key", "in": "header", "schema": _KEY,
+    "name": "Idempotency-Key", "in": "header", "schema": {**_KEY, "pattern": HEADER_KEY},
     "description": "the task's id, as the body's id: a key the agent already knows starts "
                    "nothing; the answer is about the task it named (Idempotent-Replayed: true). "
+                   "ASCII, as header values are: a key with other characters goes in the body. "
                    "With an id in the body too, both must be the same (422 otherwise)"}
 _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
              "422": _error("a field of the wrong type (the message names it), or a known "
