@@ -13,8 +13,11 @@ from agent.doors.http.output import MAX_OFFSET
 from agent.history.store import STATES
 from agent.history.table import MAX_INTEGER
 
+TASK_ID = "^[0-9a-f]{32}$"
+"""What the agent names a task by; any other id is a task it does not know (404)."""
+
 TASK_PROPERTIES: dict[str, Any] = {
-    "id": {"type": "string", "description": "32 hex digits"},
+    "id": {"type": "string", "pattern": TASK_ID, "description": "32 hex digits"},
     "command": {"type": "array", "items": {"type": "string"}, "description": "the argv"},
     "state": {"type": "string", "enum": list(STATES)},
     "source": {"type": "string", "enum": ["tcp", "http"]},
@@ -58,23 +61,35 @@ _KEY = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CON
 HEADER_KEY = r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$"
 """A key in a header: printable ASCII, not blank (HTTP drops the spaces around a value)."""
 
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {"name": "id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": TASK_ID}}
 
 
 def _json(schema_name: str) -> dict:
     return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
 
 
-def _error(description: str, retry_after: bool = False) -> dict:
+def _header(description: str, schema: dict | None = None, required: bool = False) -> dict:
+    return {"description": description, "schema": schema or {"type": "string"},
+            **({"required": True} if required else {})}
+
+
+def _error(description: str, retry_after: bool = False, headers: dict | None = None) -> dict:
     error = {"description": description, **_json("Error")}
+    headers = dict(headers or {})
     if retry_after:
-        error["headers"] = {"Retry-After": {
-            "description": "seconds after which a retry may succeed",
-            "schema": {"type": "integer"}}}
+        headers["Retry-After"] = _header("seconds after which a retry may succeed",
+                                         {"type": "integer", "minimum": 0}, required=True)
+    if headers:
+        error["headers"] = headers
     return error
 
 
-_REFUSED = {"401": _error("no or a wrong bearer token"),
+_STATE = {"type": "string", "enum": list(STATES)}
+_REFUSED = {"401": _error("no or a wrong bearer token", headers={
+                "WWW-Authenticate": _header("Bearer realm=\"agent\", with "
+                                            "error=\"invalid_token\" for a wrong token",
+                                            required=True)}),
             "403": _error("the token lacks the scope this needs (the message names it)")}
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key", "in": "header", "schema": {**_KEY, "pattern": HEADER_KEY},
@@ -83,6 +98,8 @@ _IDEMPOTENCY_KEY = {
                    "ASCII, as header values are: a key with other characters goes in the body. "
                    "With an id in the body too, both must be the same (422 otherwise)"}
 _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
+             "409": _error("the id named a task removed from the history while it was read; "
+                           "try again"),
              "422": _error("a field of the wrong type (the message names it), or a known "
                            "id/Idempotency-Key sent with a different command"),
              "429": _error("--max-running HTTP tasks are already running", retry_after=True),
@@ -151,6 +168,9 @@ def document() -> dict[str, Any]:
                     "running": {"type": "integer"},
                     "history": {"type": "object", "properties": {
                         "writable": {"type": "boolean"},
+                        "full": {"type": "boolean",
+                                 "description": "running tasks' output alone fills "
+                                                "--keep-bytes (new tasks get 507)"},
                         "error": {"type": ["string", "null"],
                                   "description": "why writing fails"},
                         "since": {"type": ["string", "null"], "format": "date-time"},
@@ -179,6 +199,21 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "stdout as text; X-Exit-Code, X-Task-Id, X-Task-State "
                                            "and (when something went wrong) X-Error headers",
+                            "headers": {
+                                "X-Task-Id": _header("the task's id", {"type": "string",
+                                                                       "pattern": TASK_ID},
+                                                     required=True),
+                                "X-Exit-Code": _header("its exit code (-1: the agent ended it "
+                                                       "or it never started)",
+                                                       {"type": "integer"}, required=True),
+                                "X-Task-State": _header("its state", _STATE, required=True),
+                                "X-Error": _header("what went wrong, on one line"),
+                                "Idempotent-Replayed": _header(
+                                    "true: the answer is an earlier task's, with the same key",
+                                    {"type": "string", "enum": ["true"]}),
+                                "X-Stdout-Dropped": _header(
+                                    "replayed: oldest stdout bytes no longer kept",
+                                    {"type": "integer", "minimum": 0})},
                             "content": {"text/plain": {"schema": {"type": "string"}}}},
                     **_BAD_TASK, **_REFUSED}}},
             "/tasks": {
@@ -186,19 +221,20 @@ def document() -> dict[str, Any]:
                     "summary": "start a task",
                     "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {"required": True, **_json("NewTask")},
-                    "responses": {"201": {**_TASK, "headers": {"Location": {
-                        "schema": {"type": "string"}}}},
+                    "responses": {"201": {**_TASK, "headers": {
+                        "Location": _header("/tasks/ID", required=True)}},
                         "200": {"description": "the task an earlier request with the same key "
                                                "started (running or ended); nothing new started",
                                 **_json("Task"), "headers": {
-                                    "Location": {"schema": {"type": "string"}},
-                                    "Idempotent-Replayed": {"schema": {"type": "string"}}}},
+                                    "Location": _header("/tasks/ID", required=True),
+                                    "Idempotent-Replayed": _header(
+                                        "the answer is an earlier task's",
+                                        {"type": "string", "enum": ["true"]}, required=True)}},
                         **_BAD_TASK, **_REFUSED}},
                 "get": {
                     "summary": "the history, newest first",
                     "parameters": [
-                        {"name": "state", "in": "query", "schema": {"type": "string",
-                                                                    "enum": list(STATES)}},
+                        {"name": "state", "in": "query", "schema": _STATE},
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
                                     "default": 50}},
@@ -263,14 +299,27 @@ def document() -> dict[str, Any]:
                                                "dropped, and end: state, reason, exit_code, signal, "
                                                "duration_ms, error)",
                                 "headers": {
-                                    "X-Stdout-Offset": {"schema": {"type": "integer"},
-                                                        "description": "where stdout starts"},
-                                    "X-Stderr-Offset": {"schema": {"type": "integer"},
-                                                        "description": "where stderr starts"},
-                                    "X-Task-State": {"schema": {"type": "string"}}},
+                                    "X-Stdout-Offset": _header(
+                                        "where stdout starts (later than asked when older "
+                                        "bytes were dropped); with stream stdout or both",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Stderr-Offset": _header(
+                                        "where stderr starts; with stream stderr or both",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Stdout-Dropped": _header(
+                                        "oldest stdout bytes no longer kept",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Stderr-Dropped": _header(
+                                        "oldest stderr bytes no longer kept",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Task-State": _header("the task's state when the "
+                                                            "response began", _STATE,
+                                                            required=True)},
                                 "content": {"text/plain": {"schema": {"type": "string"}},
                                             "text/event-stream": {"schema": {"type": "string"}}}},
                         "400": _error("a bad parameter"), "404": _error("no such task"),
+                        "429": _error("follow=true: 256 follow responses are open on the "
+                                      "agent, or 64 for this token", retry_after=True),
                         **_REFUSED}}},
         },
     }
