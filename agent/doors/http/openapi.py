@@ -61,6 +61,38 @@ _KEY = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CON
 HEADER_KEY = r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$"
 """A key in a header: printable ASCII, not blank (HTTP drops the spaces around a value)."""
 
+NEW_TASK_PROPERTIES: dict[str, Any] = {
+    "command": {"type": "string", "minLength": 1, "pattern": NO_NUL,
+                "description": "the program; no shell"},
+    "args": {"type": "array", "items": {"type": "string", "pattern": NO_NUL}},
+    "timeout": {"type": "number", "minimum": 0,
+                "description": "seconds; 0 or absent: none"},
+    "env": {"type": "object",
+            "propertyNames": {"minLength": 1, "pattern": ENV_NAME},
+            "additionalProperties": {"type": "string", "pattern": NO_NUL},
+            "description": "added to the agent's environment; not stored"},
+    "cwd": {"type": "string", "minLength": 1, "pattern": NO_NUL,
+            "description": "a directory the agent can see (422 if it is not one)"},
+    "limits": {"type": "object", "additionalProperties": False,
+               "description": "resource limits applied in the child, as on TCP",
+               "properties": {name: {"type": "integer", "minimum": 1}
+                              for name in LIMIT_NAMES}},
+    "max_output_bytes": {
+        "type": "integer", "minimum": 1,
+        "description": "end the task (reason output_cap) once it has written this many "
+                       "stdout bytes; absent: no cap, and --max-log-bytes keeps the newest output"},
+    "id": {**_KEY, "description": "idempotency key (or the Idempotency-Key header): a task "
+                                  "with a key the agent knows is not started again; the "
+                                  "answer is that task"},
+}
+"""A task body's fields (agent.doors.http.body.parse_task); only command is required."""
+
+
+def _or_null(schema: dict) -> dict:
+    """schema, or null: an optional field of a task body sent as null is taken as absent."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
 _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "pattern": TASK_ID}}
 
@@ -129,34 +161,11 @@ def document() -> dict[str, Any]:
                          "required": list(TASK_PROPERTIES)},
                 "NewTask": {
                     "type": "object", "required": ["command"], "additionalProperties": False,
-                    "properties": {
-                        "command": {"type": "string", "minLength": 1, "pattern": NO_NUL,
-                                    "description": "the program; no shell"},
-                        "args": {"type": "array",
-                                 "items": {"type": "string", "pattern": NO_NUL}},
-                        "timeout": {"type": "number", "minimum": 0,
-                                    "description": "seconds; 0 or absent: none"},
-                        "env": {"type": "object",
-                                "propertyNames": {"minLength": 1, "pattern": ENV_NAME},
-                                "additionalProperties": {"type": "string", "pattern": NO_NUL},
-                                "description": "added to the agent's environment; not stored"},
-                        "cwd": {"type": "string", "minLength": 1, "pattern": NO_NUL,
-                                "description": "a directory the agent can see (422 if it "
-                                               "is not one)"},
-                        "limits": {"type": "object", "additionalProperties": False,
-                                   "description": "resource limits applied in the child, as on TCP",
-                                   "properties": {name: {"type": "integer", "minimum": 1}
-                                                  for name in LIMIT_NAMES}},
-                        "max_output_bytes": {
-                            "type": "integer", "minimum": 1,
-                            "description": "end the task (reason output_cap) once it has written "
-                                           "this many stdout bytes; absent: no cap, and "
-                                           "--max-log-bytes keeps the newest output"},
-                        "id": {**_KEY,
-                               "description": "idempotency key (or the Idempotency-Key header): "
-                                              "a task with a key the agent knows is not started "
-                                              "again; the answer is that task"},
-                    }},
+                    "properties": {"command": NEW_TASK_PROPERTIES["command"],
+                                   **{name: _or_null(schema) for name, schema in
+                                      NEW_TASK_PROPERTIES.items() if name != "command"}},
+                    "description": "every field but command may be null: the same as "
+                                   "leaving it out"},
                 "TaskPage": {"type": "object", "required": ["tasks", "next"], "properties": {
                     "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
                     "next": {"type": ["string", "null"],
