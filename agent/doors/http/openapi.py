@@ -141,6 +141,9 @@ _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
                            retry_after=True),
              "507": _error("the output of running tasks already fills --keep-bytes; nothing "
                            "was started", retry_after=True)}
+_NEW_TASK = {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/NewTask"},
+    "example": {"command": "echo", "args": ["hello world"], "timeout": 2.5}}}}
 _TASK = {"description": "the task", **_json("Task")}
 _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task")},
                      "404": _error("no such task"),
@@ -204,7 +207,7 @@ def document() -> dict[str, Any]:
             "/run": {"post": {
                 "summary": "run a command to completion and answer with its stdout",
                 "parameters": [_IDEMPOTENCY_KEY],
-                "requestBody": {"required": True, **_json("NewTask")},
+                "requestBody": _NEW_TASK,
                 "responses": {
                     "200": {"description": "stdout as text; X-Exit-Code, X-Task-Id, X-Task-State "
                                            "and (when something went wrong) X-Error headers",
@@ -229,7 +232,7 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "start a task",
                     "parameters": [_IDEMPOTENCY_KEY],
-                    "requestBody": {"required": True, **_json("NewTask")},
+                    "requestBody": _NEW_TASK,
                     "responses": {"201": {**_TASK, "headers": {
                         "Location": _header("/tasks/ID", required=True)}},
                         "200": {"description": "the task an earlier request with the same key "
