@@ -145,6 +145,21 @@ _NEW_TASK = {"required": True, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/NewTask"},
     "example": {"command": "echo", "args": ["hello world"], "timeout": 2.5}}}}
 _TASK = {"description": "the task", **_json("Task")}
+
+
+def _links(task_id: str) -> dict:
+    """Where a task's id leads, for a reader and for tools that follow links (schemathesis's
+    stateful phase). The DELETE link purges: a DELETE that only cancels leaves the task in
+    the history, which a tool taking DELETE as removal would call a use after free."""
+    return {"links": {
+        "GetTask": {"operationId": "getTask", "parameters": {"id": task_id}},
+        "GetTaskOutput": {"operationId": "getTaskOutput", "parameters": {"id": task_id}},
+        "CancelTask": {"operationId": "cancelTask", "parameters": {"id": task_id}},
+        "PurgeTask": {"operationId": "deleteTask",  # "true" as it goes on the wire
+                      "parameters": {"id": task_id, "query.purge": "true"}}}}
+
+
+_FROM_BODY = "$response.body#/id"
 _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task")},
                      "404": _error("no such task"),
                      "409": _error("the task has already ended"), **_REFUSED}
@@ -198,14 +213,14 @@ def document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": {
             "/healthz": {"get": {
-                "summary": "liveness; needs no token", "security": [],
+                "operationId": "health", "summary": "liveness; needs no token", "security": [],
                 "responses": {"200": {"description": "up", **_json("Health")}}}},
             "/openapi.json": {"get": {
-                "summary": "this document",
+                "operationId": "openapi", "summary": "this document",
                 "responses": {"200": {"description": "OpenAPI 3", "content": {
                     "application/json": {"schema": {"type": "object"}}}}, **_REFUSED}}},
             "/run": {"post": {
-                "summary": "run a command to completion and answer with its stdout",
+                "operationId": "runTask", "summary": "run a command to completion and answer with its stdout",
                 "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": _NEW_TASK,
                 "responses": {
@@ -226,25 +241,27 @@ def document() -> dict[str, Any]:
                                 "X-Stdout-Dropped": _header(
                                     "replayed: oldest stdout bytes no longer kept",
                                     {"type": "integer", "minimum": 0})},
-                            "content": {"text/plain": {"schema": {"type": "string"}}}},
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                            **_links("$response.header.X-Task-Id")},
                     **_BAD_TASK, **_REFUSED}}},
             "/tasks": {
                 "post": {
-                    "summary": "start a task",
+                    "operationId": "createTask", "summary": "start a task",
                     "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": _NEW_TASK,
                     "responses": {"201": {**_TASK, "headers": {
-                        "Location": _header("/tasks/ID", required=True)}},
+                        "Location": _header("/tasks/ID", required=True)}, **_links(_FROM_BODY)},
                         "200": {"description": "the task an earlier request with the same key "
                                                "started (running or ended); nothing new started",
                                 **_json("Task"), "headers": {
                                     "Location": _header("/tasks/ID", required=True),
                                     "Idempotent-Replayed": _header(
                                         "the answer is an earlier task's",
-                                        {"type": "string", "enum": ["true"]}, required=True)}},
+                                        {"type": "string", "enum": ["true"]}, required=True)},
+                                **_links(_FROM_BODY)},
                         **_BAD_TASK, **_REFUSED}},
                 "get": {
-                    "summary": "the history, newest first",
+                    "operationId": "listTasks", "summary": "the history, newest first",
                     "parameters": [
                         {"name": "state", "in": "query", "schema": _STATE},
                         {"name": "limit", "in": "query",
@@ -257,9 +274,10 @@ def document() -> dict[str, Any]:
                                   "400": _error("a bad parameter"), **_REFUSED}}},
             "/tasks/{id}": {
                 "parameters": [_ID],
-                "get": {"summary": "one task",
+                "get": {"operationId": "getTask", "summary": "one task",
                         "responses": {"200": _TASK, "404": _error("no such task"), **_REFUSED}},
                 "delete": {
+                    "operationId": "deleteTask",
                     "summary": "cancel a task (same as POST /tasks/{id}/cancel); with "
                                "purge=true, remove an ended task's record and output instead",
                     "parameters": [
@@ -279,12 +297,14 @@ def document() -> dict[str, Any]:
                         **_REFUSED}}},
             "/tasks/{id}/cancel": {
                 "parameters": [_ID],
-                "post": {"summary": "kill the task's process group: SIGTERM, then SIGKILL after "
+                "post": {"operationId": "cancelTask",
+                         "summary": "kill the task's process group: SIGTERM, then SIGKILL after "
                                     "--kill-grace seconds; answers once it has ended",
                          "responses": _CANCEL_RESPONSES}},
             "/tasks/{id}/output": {
                 "parameters": [_ID],
                 "get": {
+                    "operationId": "getTaskOutput",
                     "summary": "the task's output; follow=true streams it until the task ends",
                     "parameters": [
                         {"name": "stream", "in": "query", "schema": {
