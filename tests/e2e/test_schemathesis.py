@@ -44,6 +44,12 @@ values = ["echo", "true", "/bin/echo", "/bin/true"]
 
 [parameters]
 "body.command" = { dictionary = "programs", probability = 0.5 }
+
+# The stateful phase follows the document's own links, not links it infers: an
+# inferred link would DELETE a task that may still run, a cancel that leaves it in the
+# history, which the use_after_free check takes for a removal (the document's link purges).
+[phases.stateful.inference]
+algorithms = []
 """
 
 EXAMPLES = 30
