@@ -110,10 +110,26 @@ def limits(value: Any) -> tuple[tuple[str, int], ...]:
     for name, number in sorted(value.items()):
         if name not in LIMIT_NAMES:
             raise InvalidRequest(f'"limits" has unknown key {name!r}; known: {", ".join(LIMIT_NAMES)}')
-        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        whole = whole_number(number)
+        if whole is None or whole < 1:
             raise InvalidRequest(f'"limits.{name}" must be a positive integer, not {number!r}')
-        pairs.append((name, number))
+        pairs.append((name, whole))
     return tuple(pairs)
+
+
+def whole_number(value: Any) -> int | None:
+    """value as an int if it is a JSON number with no fractional part, else None.
+
+    JSON has one number type: 64.0 is the integer 64 (as JSON Schema, and so the
+    OpenAPI document, says), and a client whose encoder writes every number as a
+    float must not be refused for it. A boolean is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def json_type(value: Any) -> str:

@@ -165,6 +165,10 @@ class TaskOutput:
             watcher.output_ended()
 
 
+MAX_FILE_OFFSET = (1 << 63) - 1
+"""The largest offset a file can have (off_t); a client may ask to read from any offset up to it."""
+
+
 class StreamReader:
     """Reads one stream from a logical offset across its segments, a bounded chunk at a time.
 
@@ -188,7 +192,9 @@ class StreamReader:
         for _ in range(3):  # at most: end of a segment, a deleted gap, then the data
             if self._file is None and not self._open_segment():
                 return b""
-            data = os.pread(self._file, size, self.position - self._file_start)
+            at = self.position - self._file_start
+            # a read may not reach past the largest file offset (EINVAL): nothing is there
+            data = os.pread(self._file, min(size, MAX_FILE_OFFSET - at), at)
             if data:
                 self.position += len(data)
                 return data

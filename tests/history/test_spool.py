@@ -74,6 +74,15 @@ def test_reader_resumes_from_an_offset(tmp_path):
     assert read_all(StreamReader(tmp_path / "t", 1, offset=4)) == b"456789"
 
 
+def test_a_reader_at_the_largest_offset_reads_nothing(tmp_path):
+    """A client may ask for any offset up to 2^63-1; a read reaching past it is no EINVAL."""
+    output = TaskOutput(tmp_path / "t", limit=1000)
+    output.received(1, b"0123456789")
+    for offset in ((1 << 63) - 2, (1 << 63) - 1):
+        for live in (None, output):
+            assert StreamReader(tmp_path / "t", 1, offset=offset, live=live).read(65536) == b""
+
+
 def test_reader_behind_the_dropped_bytes_jumps_ahead_and_counts_the_gap(tmp_path):
     output = TaskOutput(tmp_path / "t", limit=16)
     output.received(1, b"x" * 40)

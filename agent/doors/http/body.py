@@ -88,6 +88,22 @@ def parse_task(body: Any, idempotency_key: str | None = None) -> TaskSpec:
         raise Unprocessable(e.message) from None
 
 
+def header_key(request) -> str | None:
+    """The Idempotency-Key header's value (None if absent), which must be ASCII.
+
+    HTTP header values are ASCII (RFC 9110, 5.5): reading other bytes would mean
+    guessing their encoding, and replacing what does not decode would make two
+    different keys one. A key with other characters goes in the body's "id"."""
+    raw = request.getHeader(b"idempotency-key")
+    if raw is None:
+        return None
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise Unprocessable("the Idempotency-Key header must be ASCII; send a key with other "
+                            'characters as the body\'s "id"') from None
+
+
 def _command(value: Any) -> str:
     if value is None:
         raise Unprocessable('"command" is missing')
@@ -118,9 +134,10 @@ def _key(field: Any, header: str | None) -> str | None:
 def _positive_int(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    whole = rules.whole_number(value)
+    if whole is None or whole < 1:
         raise Unprocessable(f'"{name}" must be a whole number of at least 1, not {value!r}')
-    return value
+    return whole
 
 
 def _env(value: Any) -> dict[str, str] | None:

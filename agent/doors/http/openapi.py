@@ -1,70 +1,137 @@
-"""GET /openapi.json: the API described in OpenAPI 3.0; a test holds it to the real routes."""
+"""GET /openapi.json: the API described in OpenAPI 3.1; tests hold it to the real routes
+and fuzz the API against it (tests/doors/http/test_schemathesis.py).
+
+3.1, not 3.0: its schemas are JSON Schema 2020-12, which can say what an
+environment variable's name must be (propertyNames)."""
 from __future__ import annotations
 
 from typing import Any
 
-from agent.core.request import LIMIT_NAMES
+from agent.core.request import LIMIT_NAMES, MAX_ID
 from agent.core.outcome import REASONS
+from agent.doors.http.output import MAX_OFFSET
 from agent.history.store import STATES
+from agent.history.table import MAX_INTEGER
+
+TASK_ID = "^[0-9a-f]{32}$"
+"""What the agent names a task by; any other id is a task it does not know (404)."""
 
 TASK_PROPERTIES: dict[str, Any] = {
-    "id": {"type": "string", "description": "32 hex digits"},
+    "id": {"type": "string", "pattern": TASK_ID, "description": "32 hex digits"},
     "command": {"type": "array", "items": {"type": "string"}, "description": "the argv"},
     "state": {"type": "string", "enum": list(STATES)},
     "source": {"type": "string", "enum": ["tcp", "http"]},
     "created_at": {"type": "string", "format": "date-time"},
-    "started_at": {"type": "string", "format": "date-time", "nullable": True},
-    "finished_at": {"type": "string", "format": "date-time", "nullable": True},
-    "duration_ms": {"type": "number", "nullable": True},
-    "exit_code": {"type": "integer", "nullable": True,
+    "started_at": {"type": ["string", "null"], "format": "date-time"},
+    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+    "duration_ms": {"type": ["number", "null"]},
+    "exit_code": {"type": ["integer", "null"],
                   "description": "-1 when the agent ended the task or it never started"},
-    "error": {"type": "string", "nullable": True,
+    "error": {"type": ["string", "null"],
               "description": "empty when the process exited on its own; null until it ended"},
-    "pid": {"type": "integer", "nullable": True},
-    "timeout": {"type": "number", "nullable": True, "description": "seconds"},
+    "pid": {"type": ["integer", "null"]},
+    "timeout": {"type": ["number", "null"], "description": "seconds"},
     "stdout_bytes": {"type": "integer", "description": "written so far, dropped ones included"},
     "stderr_bytes": {"type": "integer"},
     "stdout_dropped": {"type": "integer", "description": "oldest bytes not kept (--max-log-bytes)"},
     "stderr_dropped": {"type": "integer"},
-    "request_id": {"type": "string", "nullable": True,
+    "request_id": {"type": ["string", "null"],
                    "description": "the TCP request's id or the HTTP Idempotency-Key"},
-    "reason": {"type": "string", "nullable": True, "enum": [*REASONS, None],
+    "reason": {"type": ["string", "null"], "enum": [*REASONS, None],
                "description": "why it ended; null while it runs"},
-    "signal": {"type": "integer", "nullable": True,
+    "signal": {"type": ["integer", "null"],
                "description": "the signal that killed it, when the agent did not send it"},
-    "cleanup": {"type": "string", "nullable": True, "enum": ["complete", "incomplete", None],
+    "cleanup": {"type": ["string", "null"], "enum": ["complete", "incomplete", None],
                 "description": "whether its process group was verified empty after the end"},
     "command_cut": {"type": "integer", "minimum": 0,
                     "description": "bytes of the command's JSON the record does not keep "
                                    "(past 64 KiB; the task itself got its whole argv)"},
-    "launched_by": {"type": "string", "nullable": True,
+    "launched_by": {"type": ["string", "null"],
                     "description": "who asked for it: 'token:NAME' over HTTP; over TCP "
                                    "'cert:SUBJECT' with client certificates, else 'tcp:HOST:PORT'"},
 }
 
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+NO_NUL = r"^[^\x00]*$"
+"""What every string of a command must match: exec cannot pass a NUL."""
+ENV_NAME = r"^[^=\x00]*$"
+"""What an environment variable's name must match, besides not being empty."""
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
+"""What an id (an idempotency key) must match: it reaches logs and headers."""
+_KEY = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL}
+HEADER_KEY = r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$"
+"""A key in a header: printable ASCII, not blank (HTTP drops the spaces around a value)."""
+
+NEW_TASK_PROPERTIES: dict[str, Any] = {
+    "command": {"type": "string", "minLength": 1, "pattern": NO_NUL,
+                "description": "the program; no shell"},
+    "args": {"type": "array", "items": {"type": "string", "pattern": NO_NUL}},
+    "timeout": {"type": "number", "minimum": 0,
+                "description": "seconds; 0 or absent: none"},
+    "env": {"type": "object",
+            "propertyNames": {"minLength": 1, "pattern": ENV_NAME},
+            "additionalProperties": {"type": "string", "pattern": NO_NUL},
+            "description": "added to the agent's environment; not stored"},
+    "cwd": {"type": "string", "minLength": 1, "pattern": NO_NUL,
+            "description": "a directory the agent can see (422 if it is not one)"},
+    "limits": {"type": "object", "additionalProperties": False,
+               "description": "resource limits applied in the child, as on TCP",
+               "properties": {name: {"type": "integer", "minimum": 1}
+                              for name in LIMIT_NAMES}},
+    "max_output_bytes": {
+        "type": "integer", "minimum": 1,
+        "description": "end the task (reason output_cap) once it has written this many "
+                       "stdout bytes; absent: no cap, and --max-log-bytes keeps the newest output"},
+    "id": {**_KEY, "description": "idempotency key (or the Idempotency-Key header): a task "
+                                  "with a key the agent knows is not started again; the "
+                                  "answer is that task"},
+}
+"""A task body's fields (agent.doors.http.body.parse_task); only command is required."""
+
+
+def _or_null(schema: dict) -> dict:
+    """schema, or null: an optional field of a task body sent as null is taken as absent."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+_ID = {"name": "id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": TASK_ID}}
 
 
 def _json(schema_name: str) -> dict:
     return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
 
 
-def _error(description: str, retry_after: bool = False) -> dict:
+def _header(description: str, schema: dict | None = None, required: bool = False) -> dict:
+    return {"description": description, "schema": schema or {"type": "string"},
+            **({"required": True} if required else {})}
+
+
+def _error(description: str, retry_after: bool = False, headers: dict | None = None) -> dict:
     error = {"description": description, **_json("Error")}
+    headers = dict(headers or {})
     if retry_after:
-        error["headers"] = {"Retry-After": {
-            "description": "seconds after which a retry may succeed",
-            "schema": {"type": "integer"}}}
+        headers["Retry-After"] = _header("seconds after which a retry may succeed",
+                                         {"type": "integer", "minimum": 0}, required=True)
+    if headers:
+        error["headers"] = headers
     return error
 
 
-_REFUSED = {"401": _error("no or a wrong bearer token"),
+_STATE = {"type": "string", "enum": list(STATES)}
+_REFUSED = {"401": _error("no or a wrong bearer token", headers={
+                "WWW-Authenticate": _header("Bearer realm=\"agent\", with "
+                                            "error=\"invalid_token\" for a wrong token",
+                                            required=True)}),
             "403": _error("the token lacks the scope this needs (the message names it)")}
 _IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
+    "name": "Idempotency-Key", "in": "header", "schema": {**_KEY, "pattern": HEADER_KEY},
     "description": "the task's id, as the body's id: a key the agent already knows starts "
-                   "nothing; the answer is about the task it named (Idempotent-Replayed: true)"}
+                   "nothing; the answer is about the task it named (Idempotent-Replayed: true). "
+                   "ASCII, as header values are: a key with other characters goes in the body. "
+                   "With an id in the body too, both must be the same (422 otherwise)"}
 _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
+             "409": _error("the id named a task removed from the history while it was read; "
+                           "try again"),
              "422": _error("a field of the wrong type (the message names it), or a known "
                            "id/Idempotency-Key sent with a different command"),
              "429": _error("--max-running HTTP tasks are already running", retry_after=True),
@@ -74,7 +141,25 @@ _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
                            retry_after=True),
              "507": _error("the output of running tasks already fills --keep-bytes; nothing "
                            "was started", retry_after=True)}
+_NEW_TASK = {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/NewTask"},
+    "example": {"command": "echo", "args": ["hello world"], "timeout": 2.5}}}}
 _TASK = {"description": "the task", **_json("Task")}
+
+
+def _links(task_id: str) -> dict:
+    """Where a task's id leads, for a reader and for tools that follow links (schemathesis's
+    stateful phase). The DELETE link purges: a DELETE that only cancels leaves the task in
+    the history, which a tool taking DELETE as removal would call a use after free."""
+    return {"links": {
+        "GetTask": {"operationId": "getTask", "parameters": {"id": task_id}},
+        "GetTaskOutput": {"operationId": "getTaskOutput", "parameters": {"id": task_id}},
+        "CancelTask": {"operationId": "cancelTask", "parameters": {"id": task_id}},
+        "PurgeTask": {"operationId": "deleteTask",  # "true" as it goes on the wire
+                      "parameters": {"id": task_id, "query.purge": "true"}}}}
+
+
+_FROM_BODY = "$response.body#/id"
 _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task")},
                      "404": _error("no such task"),
                      "409": _error("the task has already ended"), **_REFUSED}
@@ -82,7 +167,7 @@ _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task"
 
 def document() -> dict[str, Any]:
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "agent HTTP API", "version": "1",
                  "description": "Run commands as long-running tasks, follow their output, "
                                 "cancel them, and read the history of every task, "
@@ -94,31 +179,14 @@ def document() -> dict[str, Any]:
                          "required": list(TASK_PROPERTIES)},
                 "NewTask": {
                     "type": "object", "required": ["command"], "additionalProperties": False,
-                    "properties": {
-                        "command": {"type": "string", "description": "the program; no shell"},
-                        "args": {"type": "array", "items": {"type": "string"}},
-                        "timeout": {"type": "number", "minimum": 0,
-                                    "description": "seconds; 0 or absent: none"},
-                        "env": {"type": "object", "additionalProperties": {"type": "string"},
-                                "description": "added to the agent's environment; not stored"},
-                        "cwd": {"type": "string"},
-                        "limits": {"type": "object", "additionalProperties": False,
-                                   "description": "resource limits applied in the child, as on TCP",
-                                   "properties": {name: {"type": "integer", "minimum": 1}
-                                                  for name in LIMIT_NAMES}},
-                        "max_output_bytes": {
-                            "type": "integer", "minimum": 1,
-                            "description": "end the task (reason output_cap) once it has written "
-                                           "this many stdout bytes; absent: no cap, and "
-                                           "--max-log-bytes keeps the newest output"},
-                        "id": {"type": "string", "minLength": 1, "maxLength": 1024,
-                               "description": "idempotency key (or the Idempotency-Key header): "
-                                              "a task with a key the agent knows is not started "
-                                              "again; the answer is that task"},
-                    }},
+                    "properties": {"command": NEW_TASK_PROPERTIES["command"],
+                                   **{name: _or_null(schema) for name, schema in
+                                      NEW_TASK_PROPERTIES.items() if name != "command"}},
+                    "description": "every field but command may be null: the same as "
+                                   "leaving it out"},
                 "TaskPage": {"type": "object", "required": ["tasks", "next"], "properties": {
                     "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
-                    "next": {"type": "string", "nullable": True,
+                    "next": {"type": ["string", "null"],
                              "description": "pass as ?cursor= for the next page"}}},
                 "Health": {"type": "object", "required": ["status", "running", "history"],
                            "properties": {
@@ -127,9 +195,12 @@ def document() -> dict[str, Any]:
                     "running": {"type": "integer"},
                     "history": {"type": "object", "properties": {
                         "writable": {"type": "boolean"},
-                        "error": {"type": "string", "nullable": True,
+                        "full": {"type": "boolean",
+                                 "description": "running tasks' output alone fills "
+                                                "--keep-bytes (new tasks get 507)"},
+                        "error": {"type": ["string", "null"],
                                   "description": "why writing fails"},
-                        "since": {"type": "string", "format": "date-time", "nullable": True},
+                        "since": {"type": ["string", "null"], "format": "date-time"},
                         "waiting": {"type": "integer",
                                     "description": "records kept in memory until they can be "
                                                    "written"},
@@ -142,50 +213,71 @@ def document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": {
             "/healthz": {"get": {
-                "summary": "liveness; needs no token", "security": [],
+                "operationId": "health", "summary": "liveness; needs no token", "security": [],
                 "responses": {"200": {"description": "up", **_json("Health")}}}},
             "/openapi.json": {"get": {
-                "summary": "this document",
+                "operationId": "openapi", "summary": "this document",
                 "responses": {"200": {"description": "OpenAPI 3", "content": {
                     "application/json": {"schema": {"type": "object"}}}}, **_REFUSED}}},
             "/run": {"post": {
-                "summary": "run a command to completion and answer with its stdout",
+                "operationId": "runTask", "summary": "run a command to completion and answer with its stdout",
                 "parameters": [_IDEMPOTENCY_KEY],
-                "requestBody": {"required": True, **_json("NewTask")},
+                "requestBody": _NEW_TASK,
                 "responses": {
                     "200": {"description": "stdout as text; X-Exit-Code, X-Task-Id, X-Task-State "
                                            "and (when something went wrong) X-Error headers",
-                            "content": {"text/plain": {"schema": {"type": "string"}}}},
+                            "headers": {
+                                "X-Task-Id": _header("the task's id", {"type": "string",
+                                                                       "pattern": TASK_ID},
+                                                     required=True),
+                                "X-Exit-Code": _header("its exit code (-1: the agent ended it "
+                                                       "or it never started)",
+                                                       {"type": "integer"}, required=True),
+                                "X-Task-State": _header("its state", _STATE, required=True),
+                                "X-Error": _header("what went wrong, on one line"),
+                                "Idempotent-Replayed": _header(
+                                    "true: the answer is an earlier task's, with the same key",
+                                    {"type": "string", "enum": ["true"]}),
+                                "X-Stdout-Dropped": _header(
+                                    "replayed: oldest stdout bytes no longer kept",
+                                    {"type": "integer", "minimum": 0})},
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                            **_links("$response.header.X-Task-Id")},
                     **_BAD_TASK, **_REFUSED}}},
             "/tasks": {
                 "post": {
-                    "summary": "start a task",
+                    "operationId": "createTask", "summary": "start a task",
                     "parameters": [_IDEMPOTENCY_KEY],
-                    "requestBody": {"required": True, **_json("NewTask")},
-                    "responses": {"201": {**_TASK, "headers": {"Location": {
-                        "schema": {"type": "string"}}}},
+                    "requestBody": _NEW_TASK,
+                    "responses": {"201": {**_TASK, "headers": {
+                        "Location": _header("/tasks/ID", required=True)}, **_links(_FROM_BODY)},
                         "200": {"description": "the task an earlier request with the same key "
                                                "started (running or ended); nothing new started",
                                 **_json("Task"), "headers": {
-                                    "Location": {"schema": {"type": "string"}},
-                                    "Idempotent-Replayed": {"schema": {"type": "string"}}}},
+                                    "Location": _header("/tasks/ID", required=True),
+                                    "Idempotent-Replayed": _header(
+                                        "the answer is an earlier task's",
+                                        {"type": "string", "enum": ["true"]}, required=True)},
+                                **_links(_FROM_BODY)},
                         **_BAD_TASK, **_REFUSED}},
                 "get": {
-                    "summary": "the history, newest first",
+                    "operationId": "listTasks", "summary": "the history, newest first",
                     "parameters": [
-                        {"name": "state", "in": "query", "schema": {"type": "string",
-                                                                    "enum": list(STATES)}},
+                        {"name": "state", "in": "query", "schema": _STATE},
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
                                     "default": 50}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+                        {"name": "cursor", "in": "query",
+                         "description": "a page's next, as it was sent",
+                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}}],
                     "responses": {"200": {"description": "one page", **_json("TaskPage")},
                                   "400": _error("a bad parameter"), **_REFUSED}}},
             "/tasks/{id}": {
                 "parameters": [_ID],
-                "get": {"summary": "one task",
+                "get": {"operationId": "getTask", "summary": "one task",
                         "responses": {"200": _TASK, "404": _error("no such task"), **_REFUSED}},
                 "delete": {
+                    "operationId": "deleteTask",
                     "summary": "cancel a task (same as POST /tasks/{id}/cancel); with "
                                "purge=true, remove an ended task's record and output instead",
                     "parameters": [
@@ -205,25 +297,27 @@ def document() -> dict[str, Any]:
                         **_REFUSED}}},
             "/tasks/{id}/cancel": {
                 "parameters": [_ID],
-                "post": {"summary": "kill the task's process group: SIGTERM, then SIGKILL after "
+                "post": {"operationId": "cancelTask",
+                         "summary": "kill the task's process group: SIGTERM, then SIGKILL after "
                                     "--kill-grace seconds; answers once it has ended",
                          "responses": _CANCEL_RESPONSES}},
             "/tasks/{id}/output": {
                 "parameters": [_ID],
                 "get": {
+                    "operationId": "getTaskOutput",
                     "summary": "the task's output; follow=true streams it until the task ends",
                     "parameters": [
                         {"name": "stream", "in": "query", "schema": {
                             "type": "string", "enum": ["stdout", "stderr", "both"],
                             "default": "stdout"}},
                         {"name": "offset", "in": "query", "schema": {
-                            "type": "integer", "minimum": 0, "default": 0},
+                            "type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
                          "description": "byte offset to start each stream at"},
                         {"name": "stdout_offset", "in": "query", "schema": {
-                            "type": "integer", "minimum": 0},
+                            "type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
                          "description": "byte offset for stdout alone (overrides offset)"},
                         {"name": "stderr_offset", "in": "query", "schema": {
-                            "type": "integer", "minimum": 0},
+                            "type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
                          "description": "byte offset for stderr alone (overrides offset)"},
                         {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
                          "description": "the id of the last event received (stdout:N,stderr:M), "
@@ -237,14 +331,27 @@ def document() -> dict[str, Any]:
                                                "dropped, and end: state, reason, exit_code, signal, "
                                                "duration_ms, error)",
                                 "headers": {
-                                    "X-Stdout-Offset": {"schema": {"type": "integer"},
-                                                        "description": "where stdout starts"},
-                                    "X-Stderr-Offset": {"schema": {"type": "integer"},
-                                                        "description": "where stderr starts"},
-                                    "X-Task-State": {"schema": {"type": "string"}}},
+                                    "X-Stdout-Offset": _header(
+                                        "where stdout starts (later than asked when older "
+                                        "bytes were dropped); with stream stdout or both",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Stderr-Offset": _header(
+                                        "where stderr starts; with stream stderr or both",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Stdout-Dropped": _header(
+                                        "oldest stdout bytes no longer kept",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Stderr-Dropped": _header(
+                                        "oldest stderr bytes no longer kept",
+                                        {"type": "integer", "minimum": 0}),
+                                    "X-Task-State": _header("the task's state when the "
+                                                            "response began", _STATE,
+                                                            required=True)},
                                 "content": {"text/plain": {"schema": {"type": "string"}},
                                             "text/event-stream": {"schema": {"type": "string"}}}},
                         "400": _error("a bad parameter"), "404": _error("no such task"),
+                        "429": _error("follow=true: 256 follow responses are open on the "
+                                      "agent, or 64 for this token", retry_after=True),
                         **_REFUSED}}},
         },
     }

@@ -31,9 +31,3 @@ def choice_arg(request, name: str, choices: tuple[str, ...], default: str) -> st
     if raw not in choices:
         raise BadRequest(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
     return raw
-
-
-def arg_header(request, name: bytes) -> str | None:
-    """A header's value as text (None if absent); bytes that are not UTF-8 are replaced."""
-    value = request.getHeader(name)
-    return None if value is None else value.decode("utf-8", "replace")

@@ -98,11 +98,12 @@ class Router(Resource):
         return NOT_DONE_YET
 
     def _open(self, request) -> bool:
-        """The request is for a route that needs no token (/healthz)."""
-        method, _, segments = _target(request)
-        return any(route.scope is None and route.method == method
-                   and route.match(segments) is not None
-                   for route in self.routes)
+        """The request's path is open: every route on it needs no token (/healthz).
+        Any method there is answered without one, a wrong one with 405: the methods
+        of a public path are no secret."""
+        _, _, segments = _target(request)
+        on_path = [route for route in self.routes if route.match(segments) is not None]
+        return bool(on_path) and all(route.scope is None for route in on_path)
 
     def _route(self, request) -> tuple[Route, dict[str, str]]:
         method, path, segments = _target(request)

@@ -21,13 +21,13 @@ from agent.core.request import for_log
 from agent.core.lanes import Lane
 from agent.core.task import Task
 from agent.history.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
-from agent.doors.http.body import TaskSpec, parse_task, read_json
+from agent.doors.http.body import TaskSpec, header_key, parse_task, read_json
 from agent.doors.http.auth import Principal, require
 from agent.doors.http.errors import (BadRequest, Conflict, Forbidden, InsufficientStorage,
                                      NotFound, TooManyTasks,
                                      Unavailable, Unprocessable)
 from agent.doors.http.output import OutputStreamer
-from agent.doors.http.query import arg, arg_header, choice_arg, int_arg
+from agent.doors.http.query import arg, choice_arg, int_arg
 from agent.doors.http.router import STREAMING, Response
 
 log = Logger()
@@ -160,7 +160,7 @@ class TaskEndpoints:
         return STREAMING
 
     def _admit(self, request, held: bool) -> Deferred[Decision]:
-        spec = parse_task(read_json(request), arg_header(request, b"idempotency-key"))
+        spec = parse_task(read_json(request), header_key(request))
         principal = request.principal
         decided = self._engine.admit(spec.request, self._lane, Discard(), "http", held=held,
                                      durable=True, launched_by=principal.launched_by,

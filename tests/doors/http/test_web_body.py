@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from agent.core.request import TaskRequest
-from agent.doors.http.body import MAX_BODY, CappedContent, TaskSpec, parse_task, read_json
+from agent.doors.http.body import (MAX_BODY, TASK_FIELDS, CappedContent, TaskSpec, parse_task,
+                                   read_json)
 from agent.doors.http.errors import ApiError, BadRequest, PayloadTooLarge, Unprocessable
 
 
@@ -37,6 +38,28 @@ def test_limits_follow_the_tcp_rules():
         (("cpu_s", 2), ("nofile", 64))
     with pytest.raises(Unprocessable, match="limits"):
         parse_task({"command": "x", "limits": {"nofile": 0}})
+
+
+def test_a_whole_number_written_as_a_float_is_that_integer():
+    """JSON has one number type: 64.0 is the integer 64, as the OpenAPI 3.1 document says."""
+    spec = parse_task({"command": "x", "limits": {"nofile": 64.0}, "max_output_bytes": 1449.0})
+    assert spec.request.limits == (("nofile", 64),)
+    assert spec.run_options({}) == {"output_limit": 1449}
+    assert type(spec.run_options({})["output_limit"]) is int
+
+
+@pytest.mark.parametrize("fields", [{"limits": {"nofile": 1.5}}, {"limits": {"cpu_s": True}},
+                                    {"max_output_bytes": 0.0}, {"max_output_bytes": 2.5},
+                                    {"max_output_bytes": False}])
+def test_a_fraction_or_a_boolean_is_not_a_whole_number(fields):
+    with pytest.raises(Unprocessable):
+        parse_task({"command": "x", **fields})
+
+
+def test_an_optional_field_sent_as_null_is_as_if_left_out():
+    """As the OpenAPI document says: many clients write an unset field as null."""
+    optional = [name for name in TASK_FIELDS if name != "command"]
+    assert parse_task({"command": "x", **dict.fromkeys(optional)}) == parse_task({"command": "x"})
 
 
 def test_cwd_must_be_an_existing_directory(tmp_path):

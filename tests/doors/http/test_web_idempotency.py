@@ -40,3 +40,14 @@ def test_a_body_id_and_a_different_header_key_are_422(memory_api):
                            expect=422, headers=KEY)
     assert "differ" in body["error"]
     assert memory_api.spawn.spawned == []
+
+
+def test_a_header_key_that_is_not_ascii_is_422_and_starts_nothing(memory_api):
+    """Decoding it would guess an encoding, and replacing what does not decode would make
+    two keys one: a key with other characters goes in the body's id."""
+    for raw in ("dé".encode("utf-8"), "dé".encode("latin-1")):
+        body = memory_api.json("POST", "/tasks", {"command": "deploy"}, expect=422,
+                               headers={b"Idempotency-Key": raw})
+        assert "must be ASCII" in body["error"]
+    assert memory_api.spawn.spawned == []
+    assert memory_api.start("deploy", id="dé")["request_id"] == "dé"

@@ -189,6 +189,16 @@ def test_following_an_ended_task_gives_its_output_and_ends(memory_api):
     assert (answer.code, answer.body) == (200, b"done\n")
 
 
+@pytest.mark.parametrize("query", ["follow=true&stdout_offset=9223372036854775806",
+                                   "follow=true&offset=9223372036854775807&stream=both"])
+def test_following_from_the_largest_offset_gives_nothing_and_ends(memory_api, query):
+    """Found by schemathesis: a read reaching past 2^63-1 failed (EINVAL) and answered 500."""
+    record = memory_api.start("echo", "done")
+    memory_api.finish(record["id"], stdout=b"done\n")
+    answer = memory_api.request("GET", f"/tasks/{record['id']}/output?{query}")
+    assert (answer.code, answer.body) == (200, b"")
+
+
 def _ended(state, exit_code=-1, error="", started_at=1.0):
     from agent.history.store import TaskRecord
     return TaskRecord(id="t", source="http", command=("x",), state=state, created_at=1.0,

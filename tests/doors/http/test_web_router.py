@@ -112,11 +112,19 @@ def test_an_empty_token_file_refuses_to_start(tmp_path):
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/nope"), ("DELETE", "/things/abc"),
-                                          ("GET", "/healthz/x"), ("POST", "/healthz")])
+                                          ("GET", "/healthz/x"), ("POST", "/things/abc")])
 def test_without_a_token_every_path_but_the_open_ones_is_401_before_any_lookup(stub, method, path):
     """No 404/405 map of the API for whoever has no token."""
     response, body = _call(stub, method, path)
     assert response.code == 401
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE", "TRACE"])
+def test_another_method_on_an_open_path_is_405_without_a_token(stub, method):
+    """/healthz is public, so are its methods: a wrong one is what HTTP says it is."""
+    response, body = _call(stub, method, "/healthz")
+    assert response.code == 405 and "not allowed" in body["error"]
+    assert response.headers.getRawHeaders("Allow") == ["GET"]
 
 
 def test_the_server_header_names_no_version(stub):
