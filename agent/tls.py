@@ -8,6 +8,7 @@ it: an operator reads it at start, not a pyOpenSSL traceback.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from OpenSSL import SSL, crypto
@@ -71,6 +72,33 @@ def client_options(hostname: str, identity: ssl.PrivateCertificate | None,
     then be in the certificate's subjectAltName as an IP address)."""
     return ssl.optionsForClientTLS(hostname, ssl.trustRootFromCertificates(authorities),
                                    clientCertificate=identity)
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """What a client trusts (CA certificates) and shows (its certificate, if any),
+    loaded once; options_for(hostname) for each connection."""
+
+    authorities: tuple[ssl.Certificate, ...]
+    identity: ssl.PrivateCertificate | None = None
+
+    @classmethod
+    def from_files(cls, ca: str, cert: str | None = None, key: str | None = None) -> ClientTLS:
+        """key defaults to cert: one file may hold both."""
+        identity = load_identity(cert, key or cert) if cert else None
+        return cls(tuple(load_authorities(ca)), identity)
+
+    def options_for(self, hostname: str) -> IOpenSSLClientConnectionCreator:
+        return client_options(hostname, self.identity, list(self.authorities))
+
+
+def tls_error_text(error: Exception) -> str:
+    """An OpenSSL error as its reasons ("certificate verify failed"), not a list of tuples."""
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        reasons = [entry[-1] for entry in error.args[0] if isinstance(entry, tuple) and entry]
+        if reasons:
+            return "; ".join(str(r) for r in reasons)
+    return str(error) or type(error).__name__
 
 
 def peer_certificate_subject(transport) -> str | None:
