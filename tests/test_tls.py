@@ -161,6 +161,15 @@ async def test_a_client_with_a_certificate_another_ca_signed_is_refused_at_the_h
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_certificate_whose_key_usage_excludes_clients_is_refused(files):
+    """The server's own certificate (extendedKeyUsage serverAuth only) is no client's."""
+    answer, seen, reason = await _exchange(files, _server(files),
+                                           _client(files, files.server_cert, files.server_key))
+    assert (answer, seen) == (b"", [])
+    assert reason.check(SSL.Error), reason
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_client_refuses_a_server_its_ca_did_not_sign(files):
     answer, seen, reason = await _exchange(
         files, _server(files), _client(files, files.client_cert, files.client_key,
