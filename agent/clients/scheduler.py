@@ -326,12 +326,19 @@ class Scheduler:
         try:
             connection = await connectProtocol(_endpoint(self._reactor, *address, self._tls),
                                                AgentConnection())
-            if self._tls is not None:
-                await connection.secured()  # else a refused certificate would look like a drop
+            if self._tls is not None:  # else a refused certificate would look like a drop
+                await self._handshake(connection)
             return connection
         except Exception as e:
             self._complain(f"cannot connect to {_name(address)}: {_reason(e)}")
             return None
+
+    async def _handshake(self, connection: AgentConnection) -> None:
+        try:
+            await connection.secured().addTimeout(CONNECT_TIMEOUT, self._reactor)
+        except TimeoutError:
+            connection.transport.abortConnection()
+            raise TimeoutError(f"no TLS handshake within {CONNECT_TIMEOUT:g} s") from None
 
     def emit(self, result: Result) -> None:
         self.summary.count(result.fields)

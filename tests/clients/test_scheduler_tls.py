@@ -9,11 +9,12 @@ import re
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
 from agent import tls
+from agent.clients import scheduler as scheduler_module
 from agent.clients.scheduler import Options, Scheduler
 from tests.clients.test_scheduler import FakeAgentProtocol, FakeNode, _printed, _task
 from tests.tlsfiles import CLIENT_CN, make_tls_files
@@ -89,6 +90,24 @@ async def test_without_a_client_certificate_the_agent_refuses_and_the_scheduler_
     # TLS 1.3: the refusal arrives as an alert after our side's handshake; 1.2: during it
     assert re.search(r"TLS.*(certificate required|handshake failure)", err), err
     assert scheduler.summary.missing == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_that_never_answers_the_handshake_is_given_up_on(files, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "CONNECT_TIMEOUT", 0.2)
+    silent = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Protocol))  # accepts, reads, says nothing
+    port = silent.getHost().port
+    out, err = io.BytesIO(), io.StringIO()
+    scheduler = Scheduler(reactor, [("127.0.0.1", port)], out=out, err=err,
+                          tls=tls.ClientTLS.from_files(str(files.ca)))
+    try:
+        await scheduler.spread([_task("a")])
+    finally:
+        await silent.stopListening()
+    assert (f"cannot connect to 127.0.0.1:{port}: no TLS handshake within 0.2 s"
+            in err.getvalue()), err.getvalue()
+    assert scheduler.summary.missing == 1
 
 
 def _options(*args):
