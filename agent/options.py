@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from twisted.python import usage
 
@@ -28,6 +29,10 @@ class Options(usage.Options):
         ["max-queue", None, 10000,
          "With --when-busy queue: most TCP tasks waiting for a slot; past it a request is "
          "answered 'cannot allow concurrent executions' at once. 0 = no bound.", int],
+        ["max-queue-bytes", None, 64 << 20,
+         "With --when-busy queue: most bytes of command lines waiting for a slot, added up; "
+         "past it a request is answered 'cannot allow concurrent executions' at once. "
+         "0 = no bound.", int],
         ["max-line", None, 1 << 20, "Longest request line in bytes; longer ones get an error result.", int],
         ["max-output-bytes", None, 256 << 20,
          "Most stdout bytes one TCP task may write; beyond it the task is killed "
@@ -36,8 +41,15 @@ class Options(usage.Options):
          "Twisted server endpoint for the HTTP API (e.g. tcp:8080:interface=127.0.0.1, or mtls:... "
          "as for --listen); off if not given."],
         ["token-file", None, None,
-         "File holding the HTTP API's bearer token; default DATA_DIR/token, created with a random "
-         "token (mode 0600) on first start."],
+         "File holding the HTTP API's admin bearer token (every scope); default DATA_DIR/token, "
+         "created with a random token (mode 0600) on first start unless --tokens-file is given."],
+        ["allow-file", None, None,
+         "TOML allow-list of programs ([[allow]] program = absolute path, optional args "
+         "patterns) for every door; a command not on it is refused and nothing starts. "
+         "Default: any program."],
+        ["tokens-file", None, None,
+         "TOML file of named tokens with scopes ([tokens.NAME] sha256 = hex SHA-256 of the "
+         "token, scopes = [read, run, cancel, purge, admin]); see docs/security.md."],
         ["data-dir", None, "./agent-data", "Where the task history database and task output live."],
         ["max-running", None, 64,
          "HTTP tasks running at once (apart from --parallel); over it the API answers 429. "
@@ -75,6 +87,8 @@ class Options(usage.Options):
             raise usage.UsageError("--when-busy must be reject or queue")
         if self["log-tasks"] not in LOG_TASKS:
             raise usage.UsageError("--log-tasks must be all, failures or none")
+        if self["max-queue-bytes"] < 0:
+            raise usage.UsageError("--max-queue-bytes must be 0 (no bound) or more")
         if self["max-queue"] < 0:
             raise usage.UsageError("--max-queue must be 0 (no bound) or more")
         if self["max-line"] < 64:
@@ -93,5 +107,28 @@ class Options(usage.Options):
             raise usage.UsageError("--keep-days must be 0 (no age limit) or a number of days")
         if self["keep-bytes"] < 0:
             raise usage.UsageError("--keep-bytes must be 0 (no size limit) or a size in bytes")
+        self.admin_token_wanted = self["token-file"] is not None or self["tokens-file"] is None
+        """An admin token file is used when named, or when no tokens file replaces it."""
         if self["token-file"] is None:
             self["token-file"] = os.path.join(self["data-dir"], "token")
+        self.check_token_files()
+        self.allow = None
+        if self["allow-file"] is not None:
+            from agent.core.allowlist import AllowList, BadAllowList
+            try:
+                self.allow = AllowList.load(Path(self["allow-file"]))
+            except BadAllowList as e:
+                raise usage.UsageError(str(e)) from None
+
+    def check_token_files(self) -> None:
+        """Refuse at start, with how to fix it, a token that is short or readable by others
+        (as ssh does for keys) and a tokens file that is malformed."""
+        from agent.doors.http.auth import NoToken, read_token, read_tokens_file
+        self.principals = {}
+        try:
+            if self["tokens-file"] is not None:
+                self.principals = read_tokens_file(Path(self["tokens-file"]))
+            if self.admin_token_wanted and os.path.exists(self["token-file"]):
+                read_token(Path(self["token-file"]))
+        except NoToken as e:
+            raise usage.UsageError(str(e)) from None

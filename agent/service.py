@@ -194,18 +194,19 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     """
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
                   keep_tcp_output=bool(options["keep-tcp-output"]),
-                  identify=proc_stat, end_left_behind=kill_left_behind)
+                  identify=proc_stat, end_left_behind=kill_left_behind,
+                  keep_bytes=options["keep-bytes"])
+    retention = Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor)
     release = BurstRelease(reactor, lambda: len(engine.live))
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe])
+                    observers=[release.observe, retention.observe], allow=options.allow)
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
                          handle_signals=own_process,
                          escapees=EscapeeReaper(reactor, engine.live.keys) if own_process else None)
     release.setServiceParent(agent)
-    Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor) \
-        .setServiceParent(agent)
+    retention.setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
-                max_waiting=options["max-queue"])
+                max_waiting=options["max-queue"], max_waiting_bytes=options["max-queue-bytes"])
     protected = (options["protected-mode"] == "yes"  # an mtls: door authenticates its clients
                  and not mtls.requires_client_certificates(options["listen"]))
     agent.tcp_factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"],
@@ -221,9 +222,11 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
 
 def _http_site(options: Options, reactor, engine: Engine, store: Store, environ):
     from agent.doors.http.api import make_site
-    from agent.doors.http.auth import load_or_create_token
+    from agent.doors.http.auth import TokenAuth, load_or_create_token
 
     datadir.prepare(Path(options["data-dir"]))  # the token's default home
-    token = load_or_create_token(options["token-file"])
-    return make_site(engine, store, Lane(options["max-running"]), token, options["kill-grace"],
+    auth = TokenAuth(options.principals)
+    if options.admin_token_wanted:
+        auth = auth.with_admin(load_or_create_token(options["token-file"]))
+    return make_site(engine, store, Lane(options["max-running"]), auth, options["kill-grace"],
                      reactor, environ)

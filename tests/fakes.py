@@ -26,14 +26,18 @@ class FakeSpawner:
     def __init__(self, first_pid: int = 1000):
         self.next_pid = first_pid
         self.spawned: list[tuple[list[str], object]] = []
+        self.executables: list[str | None] = []
+        """The executable each spawn was given (None: argv[0])."""
         self.fail_with: Exception | None = None
 
-    def __call__(self, reactor, protocol, argv, env=None, cwd=None, child_fds=None, limits=()):
+    def __call__(self, reactor, protocol, argv, env=None, cwd=None, child_fds=None, limits=(),
+                 executable=None):
         if self.fail_with is not None:
             raise self.fail_with
         transport = FakeProcessTransport(self.next_pid)
         self.next_pid += 1
         self.spawned.append((list(argv), protocol))
+        self.executables.append(executable)
         protocol.makeConnection(transport)
         return transport
 
@@ -84,8 +88,10 @@ class MemoryHistory:
     def observe(self, task) -> None:
         if task.request.id is not None:
             self.keys[task.request.id] = task.id
-        self.records[task.id] = SimpleNamespace(id=task.id, command=task.request.command,
-                                                state=task.state, outcome=task.outcome)
+        command = task.request.command
+        self.records[task.id] = SimpleNamespace(id=task.id, command=command, state=task.state,
+                                                outcome=task.outcome,
+                                                is_command=lambda argv: tuple(argv) == command)
 
     def observe_cleanup(self, task) -> None:
         self.cleanups.append((task.id, task.cleanup))
@@ -110,8 +116,9 @@ class MemoryHistory:
 class FakeHost:
     """A Clock, a fake spawner, a kill recorder and an in-memory history, wired into an Engine."""
 
-    def __init__(self, history=None, **engine_options):
-        self.clock = task.Clock()
+    def __init__(self, history=None, clock: task.Clock | None = None, **engine_options):
+        """clock: one the history already keeps time by, so the engine and it agree."""
+        self.clock = clock if clock is not None else task.Clock()
         self.spawn = FakeSpawner()
         self.kills = KillRecorder()
         self.history = history if history is not None else MemoryHistory()

@@ -19,7 +19,7 @@ from agent.options import Options
 from agent.service import build
 from tests.procs import processes_where
 
-TOKEN = "test-token-123"
+TOKEN = "test-token-0123456789abcdefghijklmnop"
 
 
 class LiveApi:
@@ -27,7 +27,7 @@ class LiveApi:
     HTTP site listening on port 0; the services around it (ports, retention) are not started."""
 
     def __init__(self, data_dir: Path, max_running: int = 8, max_log_bytes: int = 1 << 20,
-                 kill_grace: float = 5.0, keep_tcp_output: bool = False):
+                 kill_grace: float = 5.0, keep_tcp_output: bool = False, args=()):
         data_dir.mkdir(parents=True, exist_ok=True)
         token_file = data_dir / "token"
         token_file.write_text(TOKEN)
@@ -36,7 +36,7 @@ class LiveApi:
         options.parseOptions(["--data-dir", str(data_dir), "--http", "tcp:0",
                               "--max-running", str(max_running), "--max-log-bytes",
                               str(max_log_bytes), "--kill-grace", str(kill_grace),
-                              *(["--keep-tcp-output"] if keep_tcp_output else [])])
+                              *(["--keep-tcp-output"] if keep_tcp_output else []), *args])
         self.options = options  # kept: usage.Options holds cycles that the GC test would find
         agent = build(options, reactor)
         self.engine, self.store, self.site = agent.engine, agent.store, agent.site

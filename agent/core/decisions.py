@@ -69,6 +69,15 @@ class HistoryDown(Refused):
         self.error = error
 
 
+class HistoryFull(Refused):
+    """The request needs a durable record, and the output of the tasks still running
+    already fills the space the history may use (--keep-bytes): nothing can be pruned."""
+
+    def __init__(self):
+        super().__init__("the output of running tasks already fills --keep-bytes; no task is "
+                         "started until some end or are cancelled")
+
+
 class KeyConflict(Refused):
     """The id names a task that ran another command. Running either would be a guess,
     and the other task's command is not the caller's to read, so it is not shown."""

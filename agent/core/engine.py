@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Protocol
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
-from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
+from agent.core.allowlist import AllowList, NotAllowed
+from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, HistoryFull, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.lanes import Lane
 from agent.core.outcome import Ending, Outcome
@@ -42,7 +43,7 @@ class History(Protocol):
         """The id of the task submitted with this idempotency key, if the history has one."""
 
     def get(self, task_id: str) -> Deferred:
-        """The task's record (with .command and .outcome), or None once removed."""
+        """The task's record (with .id, .is_command(argv) and .outcome), or None once removed."""
 
     def health(self) -> dict:
         """{"writable": bool, "error": str | None, ...}"""
@@ -52,10 +53,12 @@ class Engine:
     """Admits TaskRequests, runs them under per-lane limits, keeps the registry of live tasks."""
 
     def __init__(self, reactor, history: History, *, start=start_task, log_tasks: str = "all",
-                 observers: Iterable[Callable[[Task], None]] = ()):
+                 observers: Iterable[Callable[[Task], None]] = (),
+                 allow: AllowList | None = None):
         """history: records every task and answers for ended ones (required: without it
         an id could not be an idempotency key). observers: told of each state change
-        after the history. log_tasks: which ended tasks get a log line (LOG_TASKS)."""
+        after the history. log_tasks: which ended tasks get a log line (LOG_TASKS).
+        allow: the programs a request may run (None: any)."""
         if log_tasks not in LOG_TASKS:
             raise ValueError(f"log_tasks must be one of {LOG_TASKS}, not {log_tasks!r}")
         self._reactor = reactor
@@ -63,6 +66,7 @@ class Engine:
         self._start_task = start
         self._log_tasks = log_tasks
         self._observers = (history.observe, *observers)
+        self._allow = allow
         self.live: dict[str, Task] = {}
         self.live_by_key: dict[str, Task] = {}
         self.accepting = True
@@ -76,18 +80,27 @@ class Engine:
     # -- admission: one step, one decision, for every door
 
     def admit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str, *,
-              held: bool = False, durable: bool = False, **run_options) -> Deferred[Decision]:
+              held: bool = False, durable: bool = False, launched_by: str | None = None,
+              **run_options) -> Deferred[Decision]:
         """Start a task, or say why not, in one decision (agent.core.decisions).
 
         A request whose id names a known task never runs again: a live one with the
         same command is Attached (and held, if held), an ended one is a Replay of its
         record, another command is a KeyConflict. Otherwise the task is Started, or
-        refused: ShuttingDown, Busy (the lane is full), HistoryDown (durable: the
-        client will look it up later, so it needs a record the history can write).
+        refused: NotAllowed (not on the allow-list, checked first), ShuttingDown, Busy
+        (the lane is full), HistoryDown (durable: the client will look it up later, so
+        it needs a record the history can write).
 
         held: the task ends when every holder has let go (see release_many).
+        launched_by: who asked, as the door knows them; recorded and logged.
         run_options (env, cwd, output_limit, ...) go to the runner unchanged.
         """
+        if self._allow is not None:  # first: a refused command learns nothing of other tasks
+            try:
+                run_options["executable"] = self._allow.executable(
+                    request.command, run_options.get("cwd"), run_options.get("env"))
+            except NotAllowed as refused:
+                return fail(refused)
         key = request.id
         if key is not None:
             live = self.live_by_key.get(key)
@@ -100,8 +113,11 @@ class Engine:
             health = self._history.health()
             if not health["writable"]:
                 return fail(HistoryDown(health["error"]))
+            if health.get("full"):
+                return fail(HistoryFull())
         try:
-            task = self.submit(request, lane, sink, source, held, **run_options)
+            task = self.submit(request, lane, sink, source, held, launched_by=launched_by,
+                               **run_options)
         except (Busy, ShuttingDown) as refused:
             return fail(refused)
         return succeed(Started(task))
@@ -117,19 +133,19 @@ class Engine:
         def decide(record) -> Replay:
             if record is None:  # pruned or purged between the two looks
                 raise KeyForgotten(request.id)
-            if tuple(record.command) != request.command:
+            if not record.is_command(request.command):
                 raise KeyConflict(request.id)
             return Replay(record)
         return self._history.get(task_id).addCallback(decide)
 
     def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
-               held: bool = False, **run_options) -> Task:
+               held: bool = False, launched_by: str | None = None, **run_options) -> Task:
         """Queue or start a task with no admission (no key lookup): Busy when the lane
         is full and rejects, ShuttingDown once the agent stops. Doors use admit."""
         if not self.accepting:
             raise ShuttingDown()
-        slot = lane.acquire()
-        task = Task(request, source, sink, uuid.uuid4().hex, held)
+        slot = lane.acquire(sum(map(len, request.command)))
+        task = Task(request, source, sink, uuid.uuid4().hex, held, launched_by)
         self.live[task.id] = task
         if request.id is not None:
             self.live_by_key[request.id] = task
@@ -183,7 +199,8 @@ class Engine:
         self._settle(task, outcome, lane)
         if self._log_tasks == "none" or (self._log_tasks == "failures" and outcome.succeeded):
             return
-        log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms}",
+        log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms} "
+                 "by {launched_by}", launched_by=task.launched_by,
                  id=task.request.id or task.id, argv0=for_log(task.request.command[0]),
                  ending=outcome.ending.value, exit_code=outcome.exit_code,
                  duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))

@@ -16,10 +16,12 @@ class Task:
     """One submitted task: its request, its state, and its Outcome once it ends."""
 
     def __init__(self, request: TaskRequest, source: str, sink: OutputSink, task_id: str,
-                 held: bool = False):
+                 held: bool = False, launched_by: str | None = None):
         self.id = task_id
         self.request = request
         self.source = source
+        self.launched_by = launched_by
+        """Who asked for it, as the door knows them (a token's name, a peer's address)."""
         self.sink = sink
         self.state = "queued"
         self.runner: TaskProcess | None = None

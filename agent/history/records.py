@@ -7,6 +7,7 @@ the only one that knows which column sits where.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, fields, replace
@@ -69,6 +70,20 @@ class TaskRecord:
     cleanup: str | None = None
     """'complete' once its process group was verified empty, 'incomplete' if a
     member survived repeated SIGKILL; None until known."""
+    launched_by: str | None = None
+    """Who asked for it: the HTTP token's name, the TCP client certificate's subject, or the
+    TCP peer's address (None for tasks recorded before the agent kept it)."""
+    command_cut: int = 0
+    """Bytes of the command's JSON the record does not keep (past MAX_COMMAND_BYTES)."""
+    command_sha256: str | None = None
+    """When the command was cut: the SHA-256 of its whole JSON, so a retry of its id is
+    still recognised as the same command."""
+
+    def is_command(self, command) -> bool:
+        """Whether command is the one this task ran (a cut command is compared by digest)."""
+        if not self.command_cut:
+            return tuple(command) == self.command
+        return _digest(command_json(command)) == self.command_sha256
 
     @property
     def ended(self) -> bool:
@@ -115,14 +130,48 @@ _STATE, _PID, _PROC_START = COLUMNS.index("state"), COLUMNS.index("pid"), COLUMN
 _CLEANUP = COLUMNS.index("cleanup")
 
 
+MAX_COMMAND_BYTES = 64 << 10
+"""Most of a command's JSON a record keeps: a queue of huge argvs must not fill the disk
+(300 queued 1 MB requests wrote 600 MB); the task itself still gets its whole argv."""
+
+
+def command_json(command) -> str:
+    return json.dumps(list(command))
+
+
+def kept_command(command) -> tuple[str, int, str | None]:
+    """(the JSON a record keeps, the bytes cut, the whole JSON's SHA-256 if any were cut).
+
+    Whole arguments are kept while they fit; the first that does not is cut short
+    and the rest are left out."""
+    whole = command_json(command)
+    if len(whole) <= MAX_COMMAND_BYTES:
+        return whole, 0, None
+    kept: list[str] = []
+    budget = MAX_COMMAND_BYTES
+    for arg in command:
+        size = len(json.dumps(arg)) + 2
+        if size > budget:
+            kept.append(arg[:max(0, budget - 4) // 6])  # \uXXXX is the longest escape
+            break
+        kept.append(arg)
+        budget -= size
+    cut_json = json.dumps(kept)
+    return cut_json, len(whole) - len(cut_json), _digest(whole)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class Live:
     """What the store keeps in memory for a task while it is queued or running."""
 
-    __slots__ = ("created_at", "command_json", "output")
+    __slots__ = ("created_at", "command_json", "command_cut", "command_sha256", "output")
 
-    def __init__(self, created_at: float, command_json: str, output: TaskOutput):
+    def __init__(self, created_at: float, command, output: TaskOutput):
         self.created_at = created_at
-        self.command_json = command_json
+        self.command_json, self.command_cut, self.command_sha256 = kept_command(command)
         self.output = output
 
 
@@ -147,7 +196,8 @@ def row_of(task, live: Live, now: float) -> tuple:
     return (task.id, task.source, live.command_json, state_of(task), live.created_at,
             started_at, finished_at, duration_ms, exit_code, error, pid,
             out, err, out_dropped, err_dropped, request.timeout, request.id, None, None,
-            reason, signal, task.cleanup)
+            reason, signal, task.cleanup, task.launched_by, live.command_cut,
+            live.command_sha256)
 
 
 def with_identity(row: tuple, identify: Identify) -> tuple:

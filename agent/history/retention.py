@@ -30,6 +30,11 @@ log = Logger()
 PRUNE_INTERVAL = 3600.0
 """Seconds between prunes after the one at start."""
 
+SIZE_CHECK_DELAY = 1.0
+"""After a task ends, the data dir's size is measured this much later (once for all the
+tasks that ended meanwhile), and pruned at once if it is over --keep-bytes: 30 tasks
+could fill a data dir to 12 times the limit between two hourly prunes."""
+
 BATCH = 500
 """Tasks examined (and at most deleted) per store-thread job."""
 
@@ -107,6 +112,30 @@ class Retention(Service):
         self._current: Deferred | None = None
         self._stopping = False
         self._unmet_logged = False
+        self._size_check = None
+
+    def observe(self, task) -> None:
+        """Engine observer: a task that ended may have pushed the data dir over --keep-bytes."""
+        if (task.state != "finished" or self.policy.keep_bytes <= 0 or not self.running
+                or self._size_check is not None):
+            return
+        self._size_check = self._clock.callLater(SIZE_CHECK_DELAY, self._check_size)
+
+    def _check_size(self) -> None:
+        self._size_check = None
+        if self._current is not None or self._stopping:
+            return  # a prune is under way; the next end asks again
+        self._current = self._ask(self._store.usage)
+        self._current.addCallback(self._prune_if_over)
+        self._current.addErrback(lambda f: f.trap(_Stopped) and None)
+        self._current.addErrback(lambda f: log.failure("measuring the data dir failed", f))
+        self._current.addBoth(self._done)
+
+    def _prune_if_over(self, usage: Usage):
+        if usage.total <= self.policy.keep_bytes:
+            return None
+        self._current = None  # the prune below takes over as the one under way
+        return self._prune_logging_errors()
 
     def startService(self):
         super().startService()
@@ -120,6 +149,9 @@ class Retention(Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
+        if self._size_check is not None and self._size_check.active():
+            self._size_check.cancel()
+        self._size_check = None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

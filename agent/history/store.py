@@ -14,7 +14,6 @@ recovery, sweep, lock, prune (removal), spool (output files), keyindex.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -45,13 +44,22 @@ class Store:
 
     def __init__(self, data_dir: str | os.PathLike, reactor, max_log_bytes: int = 256 << 20,
                  keep_tcp_output: bool = False, *, identify: Identify,
-                 end_left_behind: EndLeftBehind):
+                 end_left_behind: EndLeftBehind, database=SerialDatabase, keep_bytes: int = 0):
         """keep_tcp_output: spool the output of TCP tasks without an id too. Off, their
         records count the bytes (all reported dropped).
 
         identify and end_left_behind are the runner's (agent.runner.procinfo): the history
         records which process a running task is and, after a crash, has what is left of it
-        ended, without knowing how processes are read or killed."""
+        ended, without knowing how processes are read or killed.
+
+        database: what open() runs the history's SQL with, built as
+        database(connection, reactor, identify); the default has its own thread. In-memory
+        tests pass one that runs each job at once (tests/history/inline.py).
+
+        keep_bytes: --keep-bytes; health() says "full" while the output of live tasks
+        alone reaches it (nothing may be pruned to make room), so no new HTTP task starts."""
+        self._keep_bytes = keep_bytes
+        self._new_database = database
         self._reactor = reactor
         self._identify = identify
         self._end_left_behind = end_left_behind
@@ -92,7 +100,7 @@ class Store:
             sweep_orphan_output(connection, Path(self._output_root))
         self._keys.load(table.idempotency_keys(connection))
         prune.prepare(connection)
-        self._database = SerialDatabase(connection, self._reactor, self._identify)
+        self._database = self._new_database(connection, self._reactor, self._identify)
         return self
 
     def start(self) -> None:
@@ -162,7 +170,7 @@ class Store:
             if task.request.id:
                 self._keys.remember(task.request.id, task.id)
             live = self._live[task.id] = Live(
-                self._reactor.seconds(), json.dumps(list(task.request.command)),
+                self._reactor.seconds(), task.request.command,
                 TaskOutput(f"{self._output_root}/{task.id}", self._max_log_bytes
                            if self._keeps_output_of(task) else 0))
         return live
@@ -200,6 +208,7 @@ class Store:
         database = self._database
         trouble = database.trouble if database is not None else None
         return {"writable": trouble is None, "error": trouble and trouble[0],
+                "full": self._keep_bytes > 0 and self._live_bytes() >= self._keep_bytes,
                 "since": trouble and trouble[1],
                 "waiting": database.waiting if trouble else 0,
                 "dropped": database.dropped if database is not None else 0}
@@ -238,10 +247,14 @@ class Store:
 
     def usage(self) -> Deferred[prune.Usage]:
         """The data dir's database files and output; queued and running tasks' from their spools."""
-        live_bytes = sum(kept_bytes(live.output) for live in self._live.values())
+        live_bytes = self._live_bytes()
         d = self._database.run(prune.measure, self._data_dir)
         d.addCallback(lambda usage: replace(usage, output_bytes=usage.output_bytes + live_bytes))
         return d
+
+    def _live_bytes(self) -> int:
+        """What queued and running tasks' spools hold on disk now."""
+        return sum(kept_bytes(live.output) for live in self._live.values())
 
     def ended_tasks(self, after_seq: int, limit: int,
                     finished_before: float | None = None) -> Deferred[prune.Batch]:

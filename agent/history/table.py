@@ -24,11 +24,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     stdout_bytes INTEGER NOT NULL, stderr_bytes INTEGER NOT NULL,
     stdout_dropped INTEGER NOT NULL, stderr_dropped INTEGER NOT NULL,
     timeout REAL, request_id TEXT, proc_start INTEGER, session INTEGER,
-    reason TEXT, signal INTEGER, cleanup TEXT
+    reason TEXT, signal INTEGER, cleanup TEXT, launched_by TEXT,
+    command_cut INTEGER NOT NULL DEFAULT 0, command_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, seq);
 """
-_ADDED_COLUMNS = {"reason": "TEXT", "signal": "INTEGER", "cleanup": "TEXT"}
+_ADDED_COLUMNS = {"reason": "TEXT", "signal": "INTEGER", "cleanup": "TEXT", "launched_by": "TEXT",
+                  "command_cut": "INTEGER NOT NULL DEFAULT 0", "command_sha256": "TEXT"}
 """Columns later versions added: a history written by an older agent gets them on open."""
 _UPSERT = (f"INSERT INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
            f"ON CONFLICT (id) DO UPDATE SET "
@@ -90,11 +92,15 @@ def select_page(connection: sqlite3.Connection, state: str | None, limit: int,
     return Page([record for _, record in rows], str(rows[-1][0]) if more else None)
 
 
+MAX_INTEGER = (1 << 63) - 1
+"""SQLite's largest integer: a number past it cannot name a row."""
+
+
 def parse_cursor(cursor: str | None) -> int | None:
     """The seq a Page.next names; ValueError for anything select_page did not hand out."""
     if cursor is None:
         return None
-    if not cursor.isdigit():
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > MAX_INTEGER:
         raise ValueError(f"not a cursor from this API: {cursor!r}")
     return int(cursor)
 

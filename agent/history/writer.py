@@ -83,7 +83,7 @@ class SerialDatabase:
             self._pending[task_id] = row
             wake, self._flush_queued = not self._flush_queued, True
         if wake:
-            self._jobs.put(self._FLUSH)
+            self._submit(self._FLUSH)
 
     def waiting_row(self, task_id: str) -> tuple | None:
         """The newest row for the task not yet written, if any."""
@@ -102,7 +102,7 @@ class SerialDatabase:
         """query(connection, *args) on the store thread, after every write made before
         (or after trying them, while writing fails)."""
         done: Deferred = Deferred()
-        self._jobs.put((done, query, args))
+        self._submit((done, query, args))
         return done
 
     def run_saved(self, query, *args) -> Deferred:
@@ -112,9 +112,14 @@ class SerialDatabase:
     def close(self) -> Deferred:
         """Write what is pending, close the connection, end the thread."""
         closed: Deferred = Deferred()
-        self._jobs.put((closed, self._CLOSE, ()))
+        self._submit((closed, self._CLOSE, ()))
         closed.addBoth(self._join)
         return closed
+
+    def _submit(self, job) -> None:
+        """Hand a job to the store thread. The one way in: a test double (an inline
+        database, tests/history/inline.py) runs the job at once instead."""
+        self._jobs.put(job)
 
     def _join(self, result):
         self._thread.join()
@@ -138,12 +143,18 @@ class SerialDatabase:
                     job = None
                 self._try_flush()
                 continue
-            done, query, args = job
-            job = None
-            if query is self._CLOSE:
-                self._answer(done, self._close)
+            if self._answer_job(job):
                 return
-            self._answer(done, self._query, query, *args)
+            job = None
+
+    def _answer_job(self, job) -> bool:
+        """Run a read or a close and answer its Deferred; True once the connection is closed."""
+        done, query, args = job
+        if query is self._CLOSE:
+            self._answer(done, self._close)
+            return True
+        self._answer(done, self._query, query, *args)
+        return False
 
     def _next_job(self):
         if self.trouble is None:

@@ -291,16 +291,18 @@ def _devnull() -> int:
 def start_task(reactor, argv: Sequence[str], sink: OutputSink, timeout: float | None = None,
                env: Mapping[str, str] | None = None, cwd: str | None = None,
                limits: Sequence[tuple[str, int]] = (), spawn=spawn_in_group,
-               **runner_options) -> TaskProcess:
+               executable: str | None = None, **runner_options) -> TaskProcess:
     """Start argv; the returned runner's `ended` fires with the Outcome.
 
-    A task that cannot start gets an Outcome at once (START_FAILED) whose
-    error carries the operating system's reason.
+    executable: the file to run, when it is already resolved (the allow-list pins
+    it); else argv[0]. A task that cannot start gets an Outcome at once
+    (START_FAILED) whose error carries the operating system's reason.
     """
     runner = TaskProcess(reactor, sink, timeout, **runner_options)
+    spawn_options = {} if executable is None else {"executable": executable}
     try:
         spawn(reactor, runner, argv, env=env, cwd=cwd, child_fds={0: _devnull(), 1: "r", 2: "r"},
-              limits=limits)
+              limits=limits, **spawn_options)
     except (OSError, ValueError) as e:
         runner.finished = True
         runner.ended.callback(Outcome.start_failed(_start_error(argv[0], e)))

@@ -181,13 +181,14 @@ def _give_back_open_file_limit(pid: int) -> None:
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
                    cwd: str | None = None, child_fds: Mapping[int, object] | None = None,
-                   limits: Sequence[tuple[str, int]] = ()):
+                   limits: Sequence[tuple[str, int]] = (), executable: str | None = None):
     """Start argv as a new process group connected to protocol; raise OSError if it cannot start.
 
     argv[0] without a slash is searched on PATH; with one it is relative to
-    the task's working directory. limits are (name, value) pairs of RLIMITS.
+    the task's working directory, unless executable names the file to run.
+    limits are (name, value) pairs of RLIMITS.
     """
     environment = environment_bytes() if env is None else dict(env)  # the agent's, as it is now
-    return GroupProcess(reactor, argv[0], list(argv), environment, cwd, protocol,
+    return GroupProcess(reactor, executable or argv[0], list(argv), environment, cwd, protocol,
                         childFDs=dict(child_fds or {0: "w", 1: "r", 2: "r"}),
                         rlimits=resolve_limits(limits))

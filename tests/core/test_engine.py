@@ -1,6 +1,7 @@
 """The engine's rules: lanes reject or queue FIFO, cancel, shutdown, observers."""
 from __future__ import annotations
 
+import pytest
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -315,3 +316,20 @@ def test_a_commands_control_characters_never_reach_the_log_raw():
         globalLogPublisher.removeObserver(events.append)
     [line] = [e for e in events if e.get("log_namespace") == "agent.core.engine" and "argv0" in e]
     assert line["argv0"] == "evil\\n2026-01-01 [agent#info] forged\\x1b[2J"
+
+
+def test_a_queue_is_bounded_in_bytes_too_and_frees_them_as_waiters_start_or_go():
+    host = FakeHost()
+    lane = Lane(1, queue=True, max_waiting_bytes=2_500)
+    submit = lambda size: host.engine.submit(TaskRequest(("x" * size,)), lane, StdoutCollector())
+    submit(10)  # runs
+    waiting = [submit(1000), submit(1000)]
+    assert lane.waiting_bytes == 2000
+    with pytest.raises(Busy):
+        submit(1000)
+    submit(400)  # still fits
+    waiting[0].cancel("client disconnected")
+    assert lane.waiting_bytes == 1400
+    exit_with(host.spawn.protocol(0))  # the first ends: the second waiter starts
+    assert lane.waiting_bytes == 400
+    submit(1000)

@@ -49,11 +49,13 @@ def test_a_restart_with_a_small_keep_bytes_prunes_the_oldest_tasks_and_their_out
 
 
 def test_a_running_task_survives_every_prune(start_http_agent, data_dir, monkeypatch):  # noqa: F811
-    """Prunes every 0.2 s (the module constant, set before twistd runs) with a 1-byte limit."""
+    """Prunes every 0.2 s (the module constant, set before twistd runs) with a 100-byte limit:
+    the database alone is over it, but the running task's 8 bytes of output are not (at 1
+    byte they would be, and new HTTP tasks would be refused with 507)."""
     monkeypatch.setattr(conftest, "TWISTD", [
         sys.executable, "-c", "import agent.history.retention as r; r.PRUNE_INTERVAL = 0.2; "
                               "from twisted.scripts.twistd import run; run()"])
-    agent, api = start_http_agent("--keep-bytes", "1")
+    agent, api = start_http_agent("--keep-bytes", "100")
     running = api.json("POST", "/tasks", {"command": "sh", "args": [
         "-c", "echo started; exec sleep 300"]}, expect=201)
     short = api.json("POST", "/tasks", {"command": "echo", "args": ["short"]}, expect=201)

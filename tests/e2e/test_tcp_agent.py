@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -400,6 +401,23 @@ def test_the_example_systemd_unit_starts_an_agent_with_valid_options():
     options.parseOptions(argv[4:])
     assert settings["KillMode"] == "mixed"
     assert float(settings["TimeoutStopSec"]) > options["shutdown-grace"] + CLEANUP_DEADLINE
+    hardening = {"UMask": "0077", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+                 "ProtectSystem": "strict", "ProtectHome": "yes"}
+    assert {key: settings.get(key) for key in hardening} == hardening
+    assert int(settings["TasksMax"]) > 0 and settings["MemoryMax"]
+
+
+def test_the_systemd_unit_rates_ok_in_systemd_analyze_security(tmp_path):
+    """Its exposure was 9.2 UNSAFE before the hardening; systemd's own score keeps it honest."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze (Debian's systemd package) is on every machine of this kind"
+    unit = tmp_path / "agent.service"
+    shutil.copy(REPO / "examples" / "agent.service", unit)
+    rated = subprocess.run([analyze, "security", "--offline=true", str(unit)],
+                           capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for agent.service: ([\d.]+)", rated.stdout)
+    assert score, rated.stdout + rated.stderr
+    assert float(score[1]) < 3.0, rated.stdout
 
 
 def test_a_browser_form_post_to_the_tcp_door_runs_nothing(start_agent, tmp_path):

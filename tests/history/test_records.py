@@ -1,6 +1,7 @@
 """The one mapping between engine tasks, history records and Outcomes."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -56,3 +57,28 @@ def test_records_from_before_reasons_were_kept_have_theirs_read_from_state_and_e
 
 def test_a_running_task_has_no_reason_yet():
     assert TaskRecord("a" * 32, "http", ("sleep",), "running", 1.0).why_it_ended == (None, None)
+
+
+def test_a_huge_command_is_cut_in_the_record_saying_how_much():
+    from agent.history.records import MAX_COMMAND_BYTES, kept_command
+    command = ("echo", "a" * 10, "x" * (1 << 20), "tail")
+    kept, cut, digest = kept_command(command)
+    assert len(kept) <= MAX_COMMAND_BYTES
+    assert json.loads(kept)[:2] == ["echo", "a" * 10]
+    assert cut == len(json.dumps(list(command))) - len(kept) and digest
+
+
+def test_a_cut_command_is_still_recognised_by_its_digest():
+    from agent.history.records import kept_command
+    command = ("echo", "y" * 100_000)
+    kept, cut, digest = kept_command(command)
+    record = TaskRecord("a" * 32, "tcp", tuple(json.loads(kept)), "succeeded", 1.0,
+                        command_cut=cut, command_sha256=digest)
+    assert record.is_command(command)
+    assert not record.is_command(("echo", "y" * 99_999 + "z"))
+    assert not record.is_command(record.command)
+
+
+def test_a_small_command_is_kept_whole():
+    from agent.history.records import kept_command
+    assert kept_command(("echo", "hi")) == ('["echo", "hi"]', 0, None)

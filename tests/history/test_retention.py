@@ -13,7 +13,7 @@ from twisted.python import usage
 
 from agent.history import retention
 from agent.core.lanes import Lane
-from agent.history.retention import PRUNE_INTERVAL, Policy, Retention, parse_size
+from agent.history.retention import PRUNE_INTERVAL, Policy, Retention, parse_size, SIZE_CHECK_DELAY
 from agent.service import Options
 from agent.history.store import StillRunning
 from tests.fakes import exit_with
@@ -294,3 +294,38 @@ def test_retention_options_are_validated():
                  ["--keep-bytes", "lots"]):
         with pytest.raises(usage.UsageError):
             Options().parseOptions(args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_bytes_is_enforced_a_moment_after_tasks_end_not_an_hour_later(harness):
+    """30 tasks used to fill a data dir to 12 times --keep-bytes between hourly prunes."""
+    keeper = Retention(harness.store, Policy(keep_days=0, keep_bytes=1), harness.clock)
+    keeper.startService()
+    await keeper.idle()
+    limit = (await harness.store.usage()).total + 250_000
+    keeper.policy = Policy(keep_days=0, keep_bytes=limit)
+    tasks = [finished(harness, b"x" * 100_000) for _ in range(5)]
+    for task in tasks:
+        keeper.observe(task)  # as the engine tells its observers
+    assert len(harness.clock.getDelayedCalls()) == 2, "one size check for all, beside the hourly"
+    assert all([await harness.store.get(t.id) is not None for t in tasks])
+    harness.clock.advance(SIZE_CHECK_DELAY)
+    await keeper.idle()
+    await keeper.idle()
+    assert (await harness.store.usage()).total <= limit
+    assert await harness.store.get(tasks[0].id) is None and await harness.store.get(tasks[-1].id)
+    await keeper.stopService()
+    assert harness.clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_size_check_under_the_limit_prunes_nothing(harness):
+    keeper = Retention(harness.store, Policy(keep_days=0, keep_bytes=1 << 30), harness.clock)
+    keeper.startService()
+    await keeper.idle()
+    task = finished(harness, b"kept")
+    keeper.observe(task)
+    harness.clock.advance(SIZE_CHECK_DELAY)
+    await keeper.idle()
+    assert await harness.store.get(task.id) is not None
+    await keeper.stopService()

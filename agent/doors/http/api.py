@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.history.store import Store
-from agent.doors.http.auth import BearerAuth
+from agent.doors.http.auth import TokenAuth
 from agent.doors.http.body import MAX_BODY, CappedContent
 from agent.doors.http.openapi import document
 from agent.doors.http.output import OutputEndpoint
@@ -26,14 +26,14 @@ def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float, clock: I
     output = OutputEndpoint(store, clock)
     spec = document()
     return [
-        Route("GET", "/healthz", tasks.health, auth=False),
+        Route("GET", "/healthz", tasks.health, scope=None),
         Route("GET", "/openapi.json", lambda request: Response(200, spec)),
-        Route("POST", "/run", tasks.run),
-        Route("POST", "/tasks", tasks.create),
+        Route("POST", "/run", tasks.run, scope="run"),
+        Route("POST", "/tasks", tasks.create, scope="run"),
         Route("GET", "/tasks", tasks.list),
         Route("GET", "/tasks/{id}", tasks.show),
-        Route("DELETE", "/tasks/{id}", tasks.delete),
-        Route("POST", "/tasks/{id}/cancel", tasks.cancel),
+        Route("DELETE", "/tasks/{id}", tasks.delete, scope="cancel"),  # ?purge=true: purge
+        Route("POST", "/tasks/{id}/cancel", tasks.cancel, scope="cancel"),
         Route("GET", "/tasks/{id}/output", output.get),
     ]
 
@@ -146,7 +146,8 @@ class ApiSite(Site):
         super().log(request)
 
 
-def make_site(engine: Engine, store: Store, lane: Lane, token: str, kill_grace: float,
+def make_site(engine: Engine, store: Store, lane: Lane, auth: TokenAuth, kill_grace: float,
               clock: IReactorTime, environ: Mapping[str, str] = os.environ) -> ApiSite:
-    return ApiSite(Router(routes(engine, store, lane, kill_grace, clock, environ),
-                          BearerAuth(token)))
+    """clock also drives the site's own timers (header deadline, idle timeout)."""
+    return ApiSite(Router(routes(engine, store, lane, kill_grace, clock, environ), auth),
+                   reactor=clock)

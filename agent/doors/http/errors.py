@@ -26,6 +26,12 @@ class Unauthorized(ApiError):
     status = 401
 
 
+class Forbidden(ApiError):
+    """A valid token without the scope this needs; the message names the scope."""
+
+    status = 403
+
+
 class NotFound(ApiError):
     status = 404
 
@@ -51,6 +57,13 @@ class Unprocessable(ApiError):
 class TooManyTasks(ApiError):
     status = 429
     retry_after = 1  # a running task may end at any moment
+
+
+class InsufficientStorage(ApiError):
+    """The running tasks' output fills --keep-bytes; retrying once some end may work."""
+
+    status = 507
+    retry_after = 5
 
 
 class Unavailable(ApiError):

@@ -34,6 +34,12 @@ TASK_PROPERTIES: dict[str, Any] = {
                "description": "the signal that killed it, when the agent did not send it"},
     "cleanup": {"type": "string", "nullable": True, "enum": ["complete", "incomplete", None],
                 "description": "whether its process group was verified empty after the end"},
+    "command_cut": {"type": "integer", "minimum": 0,
+                    "description": "bytes of the command's JSON the record does not keep "
+                                   "(past 64 KiB; the task itself got its whole argv)"},
+    "launched_by": {"type": "string", "nullable": True,
+                    "description": "who asked for it: 'token:NAME' over HTTP; over TCP "
+                                   "'cert:SUBJECT' with client certificates, else 'tcp:HOST:PORT'"},
 }
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -52,7 +58,8 @@ def _error(description: str, retry_after: bool = False) -> dict:
     return error
 
 
-_REFUSED = {"401": _error("no or a wrong bearer token")}
+_REFUSED = {"401": _error("no or a wrong bearer token"),
+            "403": _error("the token lacks the scope this needs (the message names it)")}
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
     "description": "the task's id, as the body's id: a key the agent already knows starts "
@@ -61,8 +68,12 @@ _BAD_TASK = {"400": _error("malformed JSON"), "413": _error("body over 1 MiB"),
              "422": _error("a field of the wrong type (the message names it), or a known "
                            "id/Idempotency-Key sent with a different command"),
              "429": _error("--max-running HTTP tasks are already running", retry_after=True),
+             "403": _error("the command is not on the allow-list (command not allowed: ...), "
+                           "the token may not run tasks, or the key names a task it may not read"),
              "503": _error("the task history cannot be written; nothing was started",
-                           retry_after=True)}
+                           retry_after=True),
+             "507": _error("the output of running tasks already fills --keep-bytes; nothing "
+                           "was started", retry_after=True)}
 _TASK = {"description": "the task", **_json("Task")}
 _CANCEL_RESPONSES = {"200": {"description": "the cancelled task", **_json("Task")},
                      "404": _error("no such task"),

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from agent._twisted_compat import client_gone
 from agent.history.spool import STREAMS, StreamReader, TaskOutput
 from agent.history.store import Store, TaskRecord
-from agent.doors.http.errors import NotFound
+from agent.doors.http.errors import BadRequest, NotFound
 from agent.doors.http.query import choice_arg, int_arg
 from agent.doors.http.router import STREAMING
 
@@ -258,13 +258,17 @@ class OutputEndpoint:
         return STREAMING
 
 
+MAX_OFFSET = (1 << 63) - 1
+"""The largest offset a file (or the history's integers) can hold."""
+
+
 def _offsets(request) -> dict[int, int]:
     """Where each stream starts: ?stdout_offset= / ?stderr_offset=, else ?offset=, else the
     offsets in an EventSource's Last-Event-ID (it sends one when it reconnects), else 0."""
     resumed = _last_event_offsets(request)
-    common = int_arg(request, "offset", -1, low=0)
+    common = int_arg(request, "offset", -1, low=0, high=MAX_OFFSET)
     return {fd: int_arg(request, f"{name}_offset",
-                        common if common >= 0 else resumed.get(fd, 0), low=0)
+                        common if common >= 0 else resumed.get(fd, 0), low=0, high=MAX_OFFSET)
             for fd, name in STREAMS.items()}
 
 
@@ -274,7 +278,9 @@ def _last_event_offsets(request) -> dict[int, int]:
     offsets = {}
     for part in raw.split(","):
         name, _, value = part.strip().partition(":")
-        if name in fds and value.isdigit():
+        if name in fds and value.isascii() and value.isdigit():
+            if int(value) > MAX_OFFSET:
+                raise BadRequest(f"Last-Event-ID: {name} offset must be at most {MAX_OFFSET}")
             offsets[fds[name]] = int(value)
     return offsets
 

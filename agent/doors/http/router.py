@@ -15,10 +15,12 @@ from urllib.parse import unquote
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from agent._twisted_compat import client_gone
+from agent.doors.http.auth import Principal, require
 from agent.doors.http.errors import ApiError, MethodNotAllowed, NotFound
 
 log = Logger()
@@ -42,7 +44,12 @@ class Route:
     pattern: str
     """A path with {name} segments, e.g. /tasks/{id}/output."""
     handler: Callable[..., Any]
-    auth: bool = True
+    scope: str | None = "read"
+    """What the caller's token must allow (agent.doors.http.auth.SCOPES); None: no token."""
+
+    @property
+    def auth(self) -> bool:
+        return self.scope is not None
 
     def match(self, segments: list[str]) -> dict[str, str] | None:
         parts = self.pattern.strip("/").split("/")
@@ -62,32 +69,43 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, routes: list[Route], authorize: Callable[[Any], None]):
+    def __init__(self, routes: list[Route], authorize: Callable[[Any], Principal]):
         super().__init__()
         self.routes = routes
         self._authorize = authorize
 
     def render(self, request):
+        request.setHeader(b"Server", b"agent")  # not Twisted's name and version
         try:
+            if not self._open(request):  # before any lookup: no 404/405 map of the API for strangers
+                request.principal = self._authorize(request)
             route, params = self._route(request)
             if route.auth:
-                self._authorize(request)
+                require(request.principal, route.scope)
             result = route.handler(request, **params)
         except Exception:
             self._fail(Failure(), request)
             return NOT_DONE_YET
         if isinstance(result, Deferred):
-            result.addCallbacks(self._respond, self._fail, callbackArgs=(request,),
-                                errbackArgs=(request,))
+            result.addCallback(self._respond, request)
+            result.addErrback(self._fail, request)  # the handler's errors, and _respond's own
             result.addErrback(lambda f: log.failure("answering {path}", f, path=request.path))
         elif result is not STREAMING:
-            self._respond(result, request)
+            try:
+                self._respond(result, request)
+            except Exception:
+                self._fail(Failure(), request)
         return NOT_DONE_YET
 
+    def _open(self, request) -> bool:
+        """The request is for a route that needs no token (/healthz)."""
+        method, _, segments = _target(request)
+        return any(route.scope is None and route.method == method
+                   and route.match(segments) is not None
+                   for route in self.routes)
+
     def _route(self, request) -> tuple[Route, dict[str, str]]:
-        path = unquote(request.path.decode("utf-8", "replace")).rstrip("/")
-        segments = path.strip("/").split("/")
-        method = request.method.decode("ascii", "replace").upper()
+        method, path, segments = _target(request)
         allowed = []
         for route in self.routes:
             params = route.match(segments)
@@ -107,11 +125,7 @@ class Router(Resource):
         request.setResponseCode(response.status)
         for name, value in response.headers.items():
             request.setHeader(name, value)
-        body = response.body
-        if body is None:
-            body = b""
-        elif not isinstance(body, bytes):
-            body = json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+        body = _encoded(response.body)
         if body:
             request.setHeader(b"Content-Type", response.content_type)
         request.setHeader(b"Content-Length", b"%d" % len(body))
@@ -124,8 +138,40 @@ class Router(Resource):
             response = Response(error.status, {"error": error.message}, error.headers)
         else:
             log.failure("{method} {path} failed", failure, method=request.method, path=request.path)
-            response = Response(500, {"error": "internal error; see the agent's log"})
-        self._respond(response, request)
+            response = _INTERNAL_ERROR
+        try:
+            self._respond(response, request)
+        except Exception:  # never leave a client waiting on an answer that cannot be written
+            log.failure("answering {path} with {status}", path=request.path, status=response.status)
+            if _gone(request):
+                return
+            if request.startedWriting:  # too late for a status: end it so the client knows
+                request.channel.loseConnection()
+                return
+            request.responseHeaders = Headers({b"Server": [b"agent"]})
+            self._respond(_INTERNAL_ERROR, request)
+
+
+_INTERNAL_ERROR = Response(500, {"error": "internal error; see the agent's log"})
+
+
+def _target(request) -> tuple[str, str, list[str]]:
+    """(method, path, path segments) of a request, percent-decoded."""
+    path = unquote(request.path.decode("utf-8", "replace")).rstrip("/")
+    return request.method.decode("ascii", "replace").upper(), path, path.strip("/").split("/")
+
+
+def _encoded(body) -> bytes:
+    """A JSON body as UTF-8; text that cannot be encoded (a lone surrogate in an old record)
+    is sent as JSON's \\u escape rather than failing the answer."""
+    if body is None:
+        return b""
+    if isinstance(body, bytes):
+        return body
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(body).encode("ascii") + b"\n"
 
 
 def _gone(request) -> bool:

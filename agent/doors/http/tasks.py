@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from agent._twisted_compat import client_gone
-from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, KeyConflict,
+from agent.core.allowlist import NotAllowed
+from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, HistoryFull, KeyConflict,
                                   KeyForgotten, Replay, ShuttingDown, Started)
 from agent.core.engine import Engine
 from agent.core.request import for_log
@@ -21,8 +22,10 @@ from agent.core.lanes import Lane
 from agent.core.task import Task
 from agent.history.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
 from agent.doors.http.body import TaskSpec, parse_task, read_json
-from agent.doors.http.errors import (BadRequest, Conflict, NotFound, TooManyTasks, Unavailable,
-                              Unprocessable)
+from agent.doors.http.auth import Principal, require
+from agent.doors.http.errors import (BadRequest, Conflict, Forbidden, InsufficientStorage,
+                                     NotFound, TooManyTasks,
+                                     Unavailable, Unprocessable)
 from agent.doors.http.output import OutputStreamer
 from agent.doors.http.query import arg, arg_header, choice_arg, int_arg
 from agent.doors.http.router import STREAMING, Response
@@ -65,6 +68,8 @@ def task_json(record: TaskRecord) -> dict[str, Any]:
         "reason": record.reason,
         "signal": record.signal,
         "cleanup": record.cleanup,
+        "launched_by": record.launched_by,
+        "command_cut": record.command_cut,
     }
 
 
@@ -156,10 +161,26 @@ class TaskEndpoints:
 
     def _admit(self, request, held: bool) -> Deferred[Decision]:
         spec = parse_task(read_json(request), arg_header(request, b"idempotency-key"))
+        principal = request.principal
         decided = self._engine.admit(spec.request, self._lane, Discard(), "http", held=held,
-                                     durable=True, **spec.run_options(self._environ))
+                                     durable=True, launched_by=principal.launched_by,
+                                     **spec.run_options(self._environ))
         decided.addCallbacks(self._log_start, self._refused, errbackArgs=(spec,))
+        decided.addCallback(self._may_read, principal, held)
         return decided
+
+    def _may_read(self, decision: Decision, principal: Principal, held: bool) -> Decision:
+        """A key names an earlier task: its record and output go only to a caller who may
+        read tasks, or who launched that one."""
+        if isinstance(decision, Started) or principal.allows("read"):
+            return decision
+        known = decision.record if isinstance(decision, Replay) else decision.task
+        if known.launched_by == principal.launched_by:
+            return decision
+        if held and isinstance(decision, Attached):
+            self._engine.release_many([decision.task], "client disconnected")
+        raise Forbidden(f"the key names a task that the token {principal.name!r} did not start "
+                        "and may not read (it lacks the scope 'read')")
 
     @staticmethod
     def _log_start(decision: Decision) -> Decision:
@@ -170,7 +191,12 @@ class TaskEndpoints:
 
     def _refused(self, failure, spec: TaskSpec):
         """Each refusal as its HTTP error (the router maps those to statuses)."""
-        refusal = failure.trap(Busy, ShuttingDown, HistoryDown, KeyConflict, KeyForgotten)
+        refusal = failure.trap(NotAllowed, Busy, ShuttingDown, HistoryDown, HistoryFull,
+                               KeyConflict, KeyForgotten)
+        if refusal is HistoryFull:
+            raise InsufficientStorage(failure.value.message)
+        if refusal is NotAllowed:
+            raise Forbidden(failure.value.message)
         if refusal is Busy:
             raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
                                "(--max-running); wait for one to end or cancel one")
@@ -230,6 +256,7 @@ class TaskEndpoints:
         """DELETE /tasks/{id}: a cancel; with ?purge=true, the removal of an ended task."""
         if choice_arg(request, "purge", ("true", "false"), "false") == "false":
             return self.cancel(request, id)
+        require(request.principal, "purge")
         return self.purge(request, id)
 
     @inlineCallbacks

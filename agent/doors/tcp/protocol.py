@@ -99,6 +99,7 @@ class TaskLineProtocol(LineReceiver):
             return
         self._answering += 1
         decided = self._engine.admit(request, self._lane, StdoutCollector(), "tcp", held=True,
+                                     launched_by=self._launched_by,
                                      output_limit=self._max_output)
         decided.addCallbacks(self._admitted, self._refused, callbackArgs=(request,),
                              errbackArgs=(request,))
@@ -115,6 +116,8 @@ class TaskLineProtocol(LineReceiver):
 
     def connectionMade(self):
         self._lines = LineWriter(self.transport)
+        self._launched_by = "tcp:" + _describe(self.transport.getPeer())
+        """Who the tasks of this connection are recorded as launched by."""
 
     # -- the engine's decision, in the wire format
 

@@ -1,14 +1,16 @@
-"""The OpenAPI document matches the routes the API really serves and the JSON it really sends."""
+"""The OpenAPI document matches the routes the API really serves and the JSON it really sends.
+
+Against the in-memory API (tests/doors/http/memory.py): the real site and store, fake children."""
 from __future__ import annotations
 
 import re
 
-import pytest_twisted
 
 from agent.history.store import STATES
 from agent.doors.http.body import TASK_FIELDS
 from agent.doors.http.openapi import document
-from tests.webapi import TOKEN, api  # noqa: F401
+from tests.doors.http.memory import memory_api  # noqa: F401
+from tests.webapi import TOKEN
 
 SPEC = document()
 
@@ -18,13 +20,13 @@ def _operations(spec) -> set[tuple[str, str]]:
             for method in item if method != "parameters"}
 
 
-def test_documented_operations_are_exactly_the_routes(api):
-    served = {(route.method, route.pattern) for route in api.site.resource.routes}
+def test_documented_operations_are_exactly_the_routes(memory_api):
+    served = {(route.method, route.pattern) for route in memory_api.site.resource.routes}
     assert _operations(SPEC) == served
 
 
-def test_only_healthz_is_documented_without_the_token(api):
-    open_routes = {(r.method, r.pattern) for r in api.site.resource.routes
+def test_only_healthz_is_documented_without_the_token(memory_api):
+    open_routes = {(r.method, r.pattern) for r in memory_api.site.resource.routes
                    if not r.auth}
     assert open_routes == {("GET", "/healthz")}
     assert SPEC["paths"]["/healthz"]["get"]["security"] == []
@@ -33,12 +35,11 @@ def test_only_healthz_is_documented_without_the_token(api):
                for method in item if method != "parameters")
 
 
-@pytest_twisted.ensureDeferred
-async def test_every_documented_operation_refuses_a_missing_wrong_or_non_bearer_token(api):
+def test_every_documented_operation_refuses_a_missing_wrong_or_non_bearer_token(memory_api):
     """Driven by the document, so an endpoint added to the API cannot forget the token."""
-    ended = await api.start("true")
-    await api.wait_for_state(ended["id"], "succeeded")
-    running = await api.start("sleep", "30")
+    ended = memory_api.start("true")
+    memory_api.finish(ended["id"])
+    running = memory_api.start("sleep", "30")
     refusals = {"none": {}, "wrong": {"Authorization": f"Bearer {TOKEN}x"},
                 "basic": {"Authorization": f"Basic {TOKEN}"},
                 "empty": {"Authorization": "Bearer "}}
@@ -49,15 +50,15 @@ async def test_every_documented_operation_refuses_a_missing_wrong_or_non_bearer_
             concrete = path.replace("{id}", task["id"])
             for query in ("", "?purge=true&follow=true"):
                 for name, headers in refusals.items():
-                    response = await api.request(method, concrete + query,
-                                                 {"command": "touch", "args": ["/nonexistent/x"]},
-                                                 token=None, headers=headers)
-                    body = await response.json()
-                    assert response.code == 401, (method, path, query, name, response.code)
-                    assert "error" in body
-    listed = await api.json("GET", "/tasks")
-    assert sorted(t["id"] for t in listed["tasks"]) == sorted([ended["id"], running["id"]])
-    assert (await api.json("GET", f"/tasks/{running['id']}"))["state"] == "running"
+                    answer = memory_api.request(method, concrete + query,
+                                                {"command": "touch", "args": ["/nonexistent/x"]},
+                                                token=None, headers=headers)
+                    assert answer.code == 401, (method, path, query, name, answer.code)
+                    assert "error" in answer.json()
+    assert len(memory_api.spawn.spawned) == 2, "a refused request started a task"
+    assert running["pid"] not in dict(memory_api.kills.calls), "a refused request signalled"
+    assert memory_api.json("GET", f"/tasks/{running['id']}")["state"] == "running"
+    assert memory_api.json("GET", f"/tasks/{ended['id']}")["state"] == "succeeded"
 
 
 def test_every_reference_resolves():
@@ -72,31 +73,29 @@ def test_states_and_request_fields_match_the_code():
     assert tuple(schemas["NewTask"]["properties"]) == TASK_FIELDS
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_task_schema_lists_exactly_the_fields_a_task_has(api):
-    record = await api.start("true")
+def test_the_task_schema_lists_exactly_the_fields_a_task_has(memory_api):
+    record = memory_api.start("true")
     assert set(SPEC["components"]["schemas"]["Task"]["properties"]) == set(record)
-    listed = await api.json("GET", "/tasks")
+    listed = memory_api.json("GET", "/tasks")
     assert set(SPEC["components"]["schemas"]["TaskPage"]["properties"]) == set(listed)
-    health = await api.json("GET", "/healthz")
+    health = memory_api.json("GET", "/healthz")
     assert set(SPEC["components"]["schemas"]["Health"]["properties"]) == set(health)
 
 
-@pytest_twisted.ensureDeferred
-async def test_each_documented_operation_answers_with_a_documented_status(api):
-    finished = await api.start("true")
-    await api.wait_for_state(finished["id"], "succeeded")
+def test_each_documented_operation_answers_with_a_documented_status(memory_api):
+    finished = memory_api.start("true")
+    memory_api.finish(finished["id"])
     for method, path in sorted(_operations(SPEC)):
-        running = await api.start("sleep", "30")
+        running = memory_api.start("sleep", "30")
         concrete = path.replace("{id}", running["id"])
         body = {"command": "true"} if method == "POST" else None
-        response = await api.request(method, concrete, body)
-        await response.content()
+        sent = memory_api.send(method, concrete, body)
+        memory_api.exit_all()  # what a cancel waits for, and what /run waits for
+        code = memory_api.result(sent).code
         documented = SPEC["paths"][path][method.lower()]["responses"]
-        assert str(response.code) in documented, (method, path, response.code)
-        assert response.code < 300, (method, path, response.code)
+        assert str(code) in documented, (method, path, code)
+        assert code < 300, (method, path, code)
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_served_document_is_this_one(api):
-    assert await api.json("GET", "/openapi.json") == SPEC
+def test_the_served_document_is_this_one(memory_api):
+    assert memory_api.json("GET", "/openapi.json") == SPEC

@@ -1,4 +1,7 @@
-"""GET /tasks/{id}/output: snapshots, offsets, live following, server-sent events, back-pressure."""
+"""GET /tasks/{id}/output: snapshots, offsets, live following, server-sent events, back-pressure.
+
+Following a live task and a client's pace use a real port and real processes; output already
+in the spool is read through the in-memory API (tests/doors/http/memory.py)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +14,7 @@ from twisted.internet.defer import gatherResults
 
 from agent.history.spool import TaskOutput, StreamReader
 from agent.doors.http.output import OutputStreamer, ServerSentEvents
+from tests.doors.http.memory import make_memory_api, memory_api  # noqa: F401
 from tests.webapi import TOKEN, api, eventually, make_api, sleep  # noqa: F401
 
 PY = sys.executable
@@ -93,58 +97,6 @@ async def test_a_follow_resumes_each_stream_exactly_where_it_was_left(api, tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_event_source_reconnecting_with_last_event_id_misses_and_repeats_nothing(api):
-    record = await api.start("sh", "-c", "printf one; printf ONE >&2; printf two")
-    await api.wait_for_state(record["id"], "succeeded")
-    first = await api.request("GET", f"/tasks/{record['id']}/output?stream=both",
-                              headers={"Accept": "text/event-stream"})
-    blocks = (await first.text()).strip().split("\n\n")
-    ids = [line[4:] for block in blocks for line in block.splitlines() if line.startswith("id: ")]
-    assert ids and ids[-1] == "stdout:6,stderr:3"
-    again = await api.request("GET", f"/tasks/{record['id']}/output?stream=both",
-                              headers={"Accept": "text/event-stream", "Last-Event-ID": ids[-1]})
-    assert again.headers.getRawHeaders("X-Stdout-Offset") == ["6"]
-    events = _parse_events(await again.text())
-    assert [name for name, _ in events] == ["end"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_start_offset_says_where_kept_output_really_begins(make_api):
-    api = make_api(max_log_bytes=1000)
-    record = await api.start("head", "-c", "100000", "/dev/zero")
-    done = await api.wait_for_state(record["id"], "succeeded")
-    response = await api.request("GET", f"/tasks/{record['id']}/output?offset=10")
-    body = await response.content()
-    start = int(response.headers.getRawHeaders("X-Stdout-Offset")[0])
-    assert start == done["stdout_dropped"] > 10
-    assert len(body) == 100_000 - start
-
-
-@pytest_twisted.ensureDeferred
-async def test_stdout_and_stderr_are_kept_apart(api):
-    record = await api.start("sh", "-c", "echo out; echo err >&2; echo out2")
-    await api.wait_for_state(record["id"], "succeeded")
-    texts = {}
-    for stream in ("stdout", "stderr", "both"):
-        response = await api.request("GET", f"/tasks/{record['id']}/output?stream={stream}")
-        texts[stream] = await response.text()
-    assert texts["stdout"] == "out\nout2\n"
-    assert texts["stderr"] == "err\n"
-    assert sorted(texts["both"].splitlines()) == ["err", "out", "out2"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_snapshot_of_a_running_task_ends_at_once_with_what_there_is(api, tmp_path):
-    argv = gated("partial", "never", tmp_path / "never")
-    record = await api.start(argv[0], *argv[1:])
-    await eventually(lambda: api.json("GET", f"/tasks/{record['id']}"),
-                     lambda r: r["stdout_bytes"] == 7)
-    response = await api.request("GET", f"/tasks/{record['id']}/output")
-    assert await response.text() == "partial"
-    assert response.headers.getRawHeaders("X-Task-State") == ["running"]
-
-
-@pytest_twisted.ensureDeferred
 async def test_event_stream_carries_chunks_by_stream_and_ends_with_the_state(api, tmp_path):
     gate = tmp_path / "go"
     record = await api.start("sh", "-c", f"echo out; echo err >&2; "
@@ -163,6 +115,77 @@ async def test_event_stream_carries_chunks_by_stream_and_ends_with_the_state(api
     assert name == "end" and end["duration_ms"] > 0
     assert {k: end[k] for k in ("state", "reason", "exit_code", "signal", "error")} == {
         "state": "failed", "reason": "exited", "exit_code": 4, "signal": None, "error": ""}
+
+
+# -- in memory (tests/doors/http/memory.py): output already in the spool, no live follow
+
+def test_an_event_source_reconnecting_with_last_event_id_misses_and_repeats_nothing(memory_api):
+    record = memory_api.start("sh", "-c", "printf one; printf ONE >&2; printf two")
+    memory_api.finish(record["id"], stdout=b"onetwo", stderr=b"ONE")
+    events = {"Accept": "text/event-stream"}
+    first = memory_api.request("GET", f"/tasks/{record['id']}/output?stream=both", headers=events)
+    blocks = first.body.decode().strip().split("\n\n")
+    ids = [line[4:] for block in blocks for line in block.splitlines() if line.startswith("id: ")]
+    assert ids and ids[-1] == "stdout:6,stderr:3"
+    again = memory_api.request("GET", f"/tasks/{record['id']}/output?stream=both",
+                               headers={**events, "Last-Event-ID": ids[-1]})
+    assert again.header("X-Stdout-Offset") == ["6"]
+    assert [name for name, _ in _parse_events(again.body.decode())] == ["end"]
+
+
+def test_the_start_offset_says_where_kept_output_really_begins(make_memory_api):
+    api = make_memory_api(max_log_bytes=1000)
+    record = api.start("head", "-c", "100000", "/dev/zero")
+    for _ in range(10):
+        api.child(record["id"]).childDataReceived(1, bytes(10_000))
+    done = api.finish(record["id"])
+    answer = api.request("GET", f"/tasks/{record['id']}/output?offset=10")
+    start = int(answer.header("X-Stdout-Offset")[0])
+    assert start == done["stdout_dropped"] > 10
+    assert len(answer.body) == 100_000 - start
+
+
+def test_stdout_and_stderr_are_kept_apart(memory_api):
+    record = memory_api.start("sh", "-c", "echo out; echo err >&2; echo out2")
+    child = memory_api.child(record["id"])
+    for fd, data in [(1, b"out\n"), (2, b"err\n"), (1, b"out2\n")]:
+        child.childDataReceived(fd, data)
+    memory_api.finish(record["id"])
+    texts = {stream: memory_api.request("GET", f"/tasks/{record['id']}/output?stream={stream}")
+             .body.decode() for stream in ("stdout", "stderr", "both")}
+    assert texts["stdout"] == "out\nout2\n"
+    assert texts["stderr"] == "err\n"
+    assert sorted(texts["both"].splitlines()) == ["err", "out", "out2"]
+
+
+def test_a_snapshot_of_a_running_task_ends_at_once_with_what_there_is(memory_api):
+    record = memory_api.start("slow")
+    memory_api.child(record["id"]).childDataReceived(1, b"partial")
+    answer = memory_api.request("GET", f"/tasks/{record['id']}/output")
+    assert answer.body == b"partial"
+    assert answer.header("X-Task-State") == ["running"]
+
+
+def test_a_task_over_its_output_cap_is_ended_and_the_end_event_says_so(memory_api):
+    record = memory_api.start("yes", max_output_bytes=100_000)
+    child = memory_api.child(record["id"])
+    while not child.finished:
+        child.childDataReceived(1, b"y\n" * 8192)
+    ended = memory_api.json("GET", f"/tasks/{record['id']}")
+    assert (ended["state"], ended["reason"], ended["error"], ended["exit_code"]) == \
+        ("failed", "output_cap", "output limit exceeded", -1)
+    assert ended["stdout_bytes"] == 100_000
+    answer = memory_api.request("GET", f"/tasks/{record['id']}/output?follow=true",
+                                headers={"Accept": "text/event-stream"})
+    name, end = _parse_events(answer.body.decode())[-1]
+    assert (name, end["reason"], end["state"]) == ("end", "output_cap", "failed")
+
+
+def test_following_an_ended_task_gives_its_output_and_ends(memory_api):
+    record = memory_api.start("echo", "done")
+    memory_api.finish(record["id"], stdout=b"done\n")
+    answer = memory_api.request("GET", f"/tasks/{record['id']}/output?follow=true")
+    assert (answer.code, answer.body) == (200, b"done\n")
 
 
 def _ended(state, exit_code=-1, error="", started_at=1.0):
@@ -200,28 +223,6 @@ def test_the_end_event_takes_the_recorded_reason_over_a_guess():
     assert (end_summary(record)["reason"], end_summary(record)["signal"]) == ("signalled", 15)
     capped = replace(_ended("failed", -1, "output limit exceeded"), reason="output_cap")
     assert end_summary(capped)["reason"] == "output_cap"
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_task_over_its_output_cap_is_ended_and_the_end_event_says_so(api):
-    record = await api.start("yes", max_output_bytes=100_000)
-    ended = await api.wait_for_state(record["id"], "failed")
-    assert (ended["reason"], ended["error"], ended["exit_code"]) == \
-        ("output_cap", "output limit exceeded", -1)
-    assert ended["stdout_bytes"] == 100_000
-    _, chunks, done = await follow(api, record["id"], headers={"Accept": "text/event-stream"})
-    await done
-    name, end = _parse_events(b"".join(chunks).decode())[-1]
-    assert (name, end["reason"], end["state"]) == ("end", "output_cap", "failed")
-
-
-@pytest_twisted.ensureDeferred
-async def test_following_an_ended_task_gives_its_output_and_ends(api):
-    record = await api.start("echo", "done")
-    await api.wait_for_state(record["id"], "succeeded")
-    _, chunks, done = await follow(api, record["id"])
-    await done
-    assert b"".join(chunks) == b"done\n"
 
 
 @pytest_twisted.ensureDeferred

@@ -1,9 +1,10 @@
-"""DELETE /tasks/{id}?purge=true: an ended task's record and output removed; plain DELETE stays a cancel."""
+"""DELETE /tasks/{id}?purge=true: an ended task's record and output removed; plain DELETE stays a cancel.
+
+In memory (tests/doors/http/memory.py), but for a reader whose socket is still open."""
 from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import pytest
 import pytest_twisted
@@ -13,10 +14,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
 from agent.doors.http.tasks import Discard
-from tests.webapi import TOKEN, api, make_api  # noqa: F401
-
-PY = sys.executable
-
+from tests.doors.http.memory import make_memory_api, memory_api  # noqa: F401
+from tests.webapi import TOKEN, make_api  # noqa: F401
 
 @pytest.fixture
 def errors_logged():
@@ -30,84 +29,78 @@ def errors_logged():
     globalLogPublisher.removeObserver(observe)
 
 
-async def ended_task(api, script: str = "echo out; echo err >&2") -> dict:
-    record = await api.start("sh", "-c", script)
-    return await api.wait_for_state(record["id"], "succeeded")
+def ended_task(api) -> dict:
+    record = api.start("sh", "-c", "echo out; echo err >&2")
+    return api.finish(record["id"], stdout=b"out\n", stderr=b"err\n")
 
 
-@pytest_twisted.ensureDeferred
-async def test_purge_answers_200_with_the_record_and_then_the_task_is_404_everywhere(api):
-    task = await ended_task(api)
-    output_dir = api.store.output_dir(task["id"])
+def test_purge_answers_200_with_the_record_and_then_the_task_is_404_everywhere(memory_api):
+    task = ended_task(memory_api)
+    output_dir = memory_api.store.output_dir(task["id"])
     assert os.path.isdir(output_dir)
-    purged = await api.json("DELETE", f"/tasks/{task['id']}?purge=true")
-    assert purged == task
+    assert memory_api.json("DELETE", f"/tasks/{task['id']}?purge=true") == task
     for path in [f"/tasks/{task['id']}", f"/tasks/{task['id']}/output",
                  f"/tasks/{task['id']}/output?stream=stderr"]:
-        body = await api.json("GET", path, expect=404)
+        body = memory_api.json("GET", path, expect=404)
         assert "no task" in body["error"]
-    assert task["id"] not in [t["id"] for t in (await api.json("GET", "/tasks"))["tasks"]]
+    assert memory_api.json("GET", "/tasks")["tasks"] == []
     assert not os.path.exists(output_dir)
-    await api.json("DELETE", f"/tasks/{task['id']}?purge=true", expect=404)
+    memory_api.json("DELETE", f"/tasks/{task['id']}?purge=true", expect=404)
 
 
-@pytest_twisted.ensureDeferred
-async def test_purge_of_a_running_task_is_409_and_it_keeps_running(api):
-    running = await api.start("sleep", "30")
-    body = await api.json("DELETE", f"/tasks/{running['id']}?purge=true", expect=409)
+def test_purge_of_a_running_task_is_409_and_it_keeps_running(make_memory_api):
+    api = make_memory_api(kill_grace=0)
+    running = api.start("sleep", "30")
+    body = api.json("DELETE", f"/tasks/{running['id']}?purge=true", expect=409)
     assert "cancel it first" in body["error"]
-    assert (await api.json("GET", f"/tasks/{running['id']}"))["state"] == "running"
-    assert api.engine.live[running["id"]].state == "running"
-    cancelled = await api.json("DELETE", f"/tasks/{running['id']}?purge=false")
+    assert api.json("GET", f"/tasks/{running['id']}")["state"] == "running"
+    assert api.engine.live[running["id"]].state == "running" and api.kills.calls == []
+    cancelled = api.json("DELETE", f"/tasks/{running['id']}?purge=false")
     assert cancelled["state"] == "cancelled", "purge=false is the plain cancel"
-    await api.json("DELETE", f"/tasks/{running['id']}?purge=true")
-    await api.json("GET", f"/tasks/{running['id']}", expect=404)
+    api.json("DELETE", f"/tasks/{running['id']}?purge=true")
+    api.json("GET", f"/tasks/{running['id']}", expect=404)
 
 
-@pytest_twisted.ensureDeferred
-async def test_purge_of_a_queued_task_is_409(api):
+def test_purge_of_a_queued_task_is_409(memory_api):
     lane = Lane(1, queue=True)  # HTTP never queues: queue through the engine itself, as TCP does
-    running = api.engine.submit(TaskRequest(("sleep", "30")), lane, Discard(), source="tcp")
-    api.pgids.append(running.runner.pid)
-    queued = api.engine.submit(TaskRequest(("sleep", "30")), lane, Discard(), source="tcp")
+    memory_api.engine.submit(TaskRequest(("sleep", "30")), lane, Discard(), source="tcp")
+    queued = memory_api.engine.submit(TaskRequest(("sleep", "30")), lane, Discard(), source="tcp")
     assert queued.state == "queued"
-    await api.json("DELETE", f"/tasks/{queued.id}?purge=true", expect=409)
-    assert (await api.json("GET", f"/tasks/{queued.id}"))["state"] == "queued"
+    memory_api.json("DELETE", f"/tasks/{queued.id}?purge=true", expect=409)
+    assert memory_api.json("GET", f"/tasks/{queued.id}")["state"] == "queued"
 
 
-@pytest_twisted.ensureDeferred
-async def test_purge_of_an_unknown_task_is_404(api):
+def test_purge_of_an_unknown_task_is_404(memory_api):
     for task_id in ["f" * 32, "not-an-id"]:
-        body = await api.json("DELETE", f"/tasks/{task_id}?purge=true", expect=404)
+        body = memory_api.json("DELETE", f"/tasks/{task_id}?purge=true", expect=404)
         assert "no task" in body["error"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_purge_is_true_or_false_and_anything_else_is_400_that_does_nothing(api):
-    task = await ended_task(api)
-    running = await api.start("sleep", "30")
+def test_purge_is_true_or_false_and_anything_else_is_400_that_does_nothing(memory_api):
+    task = ended_task(memory_api)
+    running = memory_api.start("sleep", "30")
     for value in ["yes", "1", "", "TRUE"]:
         for target in (task, running):
-            body = await api.json("DELETE", f"/tasks/{target['id']}?purge={value}", expect=400)
+            body = memory_api.json("DELETE", f"/tasks/{target['id']}?purge={value}", expect=400)
             assert "purge must be one of true, false" in body["error"]
-    assert (await api.json("GET", f"/tasks/{task['id']}"))["state"] == "succeeded"
-    assert (await api.json("GET", f"/tasks/{running['id']}"))["state"] == "running"
+    assert memory_api.json("GET", f"/tasks/{task['id']}")["state"] == "succeeded"
+    assert memory_api.json("GET", f"/tasks/{running['id']}")["state"] == "running"
+    assert running["pid"] not in dict(memory_api.kills.calls), "not even signalled"
 
 
-@pytest_twisted.ensureDeferred
-async def test_purge_needs_the_token(api):
-    task = await ended_task(api)
-    response = await api.request("DELETE", f"/tasks/{task['id']}?purge=true", token=TOKEN + "x")
-    assert response.code == 401
-    await response.text()
-    assert (await api.json("GET", f"/tasks/{task['id']}"))["state"] == "succeeded"
+def test_purge_needs_the_token(memory_api):
+    task = ended_task(memory_api)
+    refused = memory_api.request("DELETE", f"/tasks/{task['id']}?purge=true", token=TOKEN + "x")
+    assert refused.code == 401
+    assert memory_api.json("GET", f"/tasks/{task['id']}")["state"] == "succeeded"
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_reader_of_a_purged_task_gets_a_clean_end(make_api, errors_logged):
     api = make_api(max_log_bytes=64 << 20)
     size = 32 << 20
-    task = await ended_task(api, f"head -c {size} /dev/zero")
+    record = await api.start("head", "-c", str(size), "/dev/zero")
+    task = await api.wait_for_state(record["id"], "succeeded")
     port = api.port.getHost().port
     client = await deferToThread(_start_reading, port, f"/tasks/{task['id']}/output")
     await api.json("DELETE", f"/tasks/{task['id']}?purge=true")
@@ -136,14 +129,13 @@ def _read_to_the_end(client: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_purged_tasks_idempotency_key_starts_a_new_task(api):
+def test_a_purged_tasks_idempotency_key_starts_a_new_task(memory_api):
     """Purge calls Store._forgotten: the key no longer names a task, so it is no replay."""
     key = {"Idempotency-Key": "nightly-42"}
-    first = await api.json("POST", "/tasks", {"command": "true"}, expect=201, headers=key)
-    await api.wait_for_state(first["id"], "succeeded")
-    replay = await api.json("POST", "/tasks", {"command": "true"}, expect=200, headers=key)
+    first = memory_api.json("POST", "/tasks", {"command": "true"}, expect=201, headers=key)
+    memory_api.finish(first["id"])
+    replay = memory_api.json("POST", "/tasks", {"command": "true"}, expect=200, headers=key)
     assert replay["id"] == first["id"]
-    await api.json("DELETE", f"/tasks/{first['id']}?purge=true")
-    again = await api.json("POST", "/tasks", {"command": "true"}, expect=201, headers=key)
+    memory_api.json("DELETE", f"/tasks/{first['id']}?purge=true")
+    again = memory_api.json("POST", "/tasks", {"command": "true"}, expect=201, headers=key)
     assert again["id"] != first["id"]

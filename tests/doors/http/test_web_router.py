@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from treq.testing import StubTreq
 
-from agent.doors.http.auth import BearerAuth, NoToken, load_or_create_token
+from agent.doors.http.auth import NoToken, TokenAuth, load_or_create_token
 from agent.doors.http.errors import Conflict
 from agent.doors.http.router import Response, Route, Router
 
@@ -21,11 +21,14 @@ def conflict(request, id):
 
 @pytest.fixture
 def stub():
-    router = Router([Route("GET", "/healthz", lambda r: Response(200, {"status": "ok"}), auth=False),
+    router = Router([Route("GET", "/healthz", lambda r: Response(200, {"status": "ok"}), scope=None),
                      Route("GET", "/boom", boom),
                      Route("POST", "/things/{id}/poke", conflict),
-                     Route("GET", "/things/{id}", lambda r, id: Response(200, {"id": id}))],
-                    BearerAuth(TOKEN))
+                     Route("GET", "/things/{id}", lambda r, id: Response(200, {"id": id})),
+                     Route("GET", "/odd", lambda r: Response(200, {"text": "\ud800"})),
+                     Route("GET", "/broken-headers",
+                           lambda r: Response(200, {"ok": 1}, {b"X-Bad": object()}))],
+                    TokenAuth({}).with_admin(TOKEN))
     return StubTreq(router)
 
 
@@ -106,3 +109,27 @@ def test_an_empty_token_file_refuses_to_start(tmp_path):
     (tmp_path / "token").write_text("\n")
     with pytest.raises(NoToken):
         load_or_create_token(tmp_path / "token")
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/nope"), ("DELETE", "/things/abc"),
+                                          ("GET", "/healthz/x"), ("POST", "/healthz")])
+def test_without_a_token_every_path_but_the_open_ones_is_401_before_any_lookup(stub, method, path):
+    """No 404/405 map of the API for whoever has no token."""
+    response, body = _call(stub, method, path)
+    assert response.code == 401
+
+
+def test_the_server_header_names_no_version(stub):
+    for headers in ({}, _auth()):
+        response, _ = _call(stub, "GET", "/healthz", headers)
+        assert response.headers.getRawHeaders("Server") == ["agent"]
+
+
+def test_text_that_cannot_be_encoded_is_sent_escaped_never_a_hang(stub):
+    response, body = _call(stub, "GET", "/odd", _auth())
+    assert (response.code, body) == (200, {"text": "\ud800"})
+
+
+def test_an_answer_that_cannot_be_written_ends_as_a_json_500(stub):
+    response, body = _call(stub, "GET", "/broken-headers", _auth())
+    assert response.code == 500 and "internal error" in body["error"]
