@@ -14,7 +14,8 @@ from agent.history.retention import parse_size
 class Options(usage.Options):
     optParameters = [
         ["listen", "l", "tcp:3000:interface=127.0.0.1",
-         "Twisted server endpoint for the TCP task protocol (tcp:3000 = all interfaces; ssl:... works)."],
+         "Twisted server endpoint for the TCP task protocol (tcp:3000 = all interfaces; ssl:... "
+         "works; mtls:PORT:privateKey=K:certKey=C:caCerts=CA requires client certificates)."],
         ["timeout-unit", None, "s", "Unit of a request's timeout: s or ms."],
         ["protected-mode", None, "yes",
          "yes: the TCP door, which has no client authentication, answers only clients on this "
@@ -48,7 +49,8 @@ class Options(usage.Options):
          "Seconds a TCP client may leave a request line unfinished without sending more; then "
          "it gets an error line and the connection closes. 0 = no timeout.", float],
         ["http", None, None,
-         "Twisted server endpoint for the HTTP API (e.g. tcp:8080:interface=127.0.0.1); off if not given."],
+         "Twisted server endpoint for the HTTP API (e.g. tcp:8080:interface=127.0.0.1, or mtls:... "
+         "as for --listen); off if not given."],
         ["token-file", None, None,
          "File holding the HTTP API's admin bearer token (every scope); default DATA_DIR/token, "
          "created with a random token (mode 0600) on first start unless --tokens-file is given."],

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from agent._twisted_compat import forget_exit_signal
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
+from agent.doors import mtls
 from agent.doors.tcp import protected as protected_mode
 from agent.doors.tcp.backlog import Backlog, Spill
 from agent.doors.tcp.protocol import TaskLineFactory, _describe
@@ -133,8 +134,11 @@ def _report_unverified(results) -> None:
 def _door(reactor, description: str, factory, what: str, then=None) -> StreamServerEndpointService:
     """A door's listening service, which fails start-up if it cannot listen
     (strports.service raises the listen error from privilegedStartService),
-    and says where it listens (port 0 picks a free one); then(address) says more."""
+    and says where it listens (port 0 picks a free one); then(address) says more,
+    unless the door requires client certificates (mtls:): then it says that."""
     door = strports.service(description, factory, reactor)
+    if mtls.requires_client_certificates(description):
+        then = partial(_say_client_certificates, what)
     door.endpoint = _Announced(door.endpoint, what, reactor, then)
     return door
 
@@ -163,6 +167,10 @@ class _Announced:
         if self._then is not None:
             self._reactor.callWhenRunning(self._then, port.getHost())
         return port
+
+
+def _say_client_certificates(what: str, address) -> None:
+    log.info("{what}: clients need a certificate signed by the door's caCerts (mtls:)", what=what)
 
 
 def _say_how_protected(protected: bool, address) -> None:
@@ -201,7 +209,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     retention.setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
                 max_waiting=options["max-queue"], max_waiting_bytes=options["max-queue-bytes"])
-    protected = options["protected-mode"] == "yes"
+    protected = (options["protected-mode"] == "yes"  # an mtls: door authenticates its clients
+                 and not mtls.requires_client_certificates(options["listen"]))
     agent.tcp_factory = TaskLineFactory(engine, lane, options["timeout-unit"], options["max-line"],
                                         clock=reactor, max_output=options["max-output-bytes"],
                                         protected=protected, backlog=_backlog(options, reactor),

@@ -1,6 +1,6 @@
 """`agent-scheduler`: send task requests to one or more agents and print the results.
 
-    agent-scheduler [--agent HOST:PORT]... [--pace MS] [FILE]
+    agent-scheduler [--agent HOST:PORT]... [--pace MS] [--ca CA.pem [--cert C --key K]] [FILE]
 
 Two modes:
 - default: each agent connection carries one task at a time; a task answered
@@ -12,6 +12,10 @@ Two modes:
 - --pace MS: seed A's reference scheduler, exactly: one connection to the
   first agent, a request line every MS milliseconds without waiting, then as
   many result lines as were sent, each within 10 s.
+
+With --ca every connection is TLS: the agent's certificate must be signed by
+--ca for the HOST of --agent; --cert and --key show the client certificate an
+`mtls:` door asks for.
 
 Results go to stdout byte for byte as the agent wrote them (one line each, in
 arrival order); a summary goes to stderr. Exit status: 0 when every task got a
@@ -26,16 +30,22 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from OpenSSL import SSL
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredQueue, TimeoutError
+from twisted.internet.defer import Deferred, DeferredQueue, TimeoutError, fail, succeed
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
-                                        connectProtocol)
-from twisted.internet.error import ConnectError
+                                        connectProtocol, wrapClientTLS)
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.ssl import VerificationError
 from twisted.protocols.basic import LineReceiver
 from twisted.python import usage
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from agent.doors.tcp.wire import BUSY_ERROR, TIMEOUT_ERROR
+from agent.tls import ClientTLS, tls_error_text
 
 DEFAULT_AGENT = "127.0.0.1:3000"
 CONNECT_TIMEOUT = 10.0
@@ -135,6 +145,7 @@ class _Closed:
     """Put on the result queue when the connection ends."""
 
 
+@implementer(IHandshakeListener)
 class AgentConnection(LineReceiver):
     """One connection to an agent: write requests, take result lines in arrival order."""
 
@@ -147,6 +158,26 @@ class AgentConnection(LineReceiver):
         self.problem: str | None = None  # why we dropped the connection ourselves
         self._partial: list[bytes] = []
         self._partial_size = 0
+        self._secured = False
+        self._lost_reason = None
+        self._awaiting_handshake: list[Deferred] = []
+
+    def handshakeCompleted(self) -> None:
+        """TLS only: the agent's certificate was verified."""
+        self._secured = True
+        waiting, self._awaiting_handshake = self._awaiting_handshake, []
+        for d in waiting:
+            d.callback(self)
+
+    def secured(self) -> Deferred:
+        """Fires once the TLS handshake completed; fails with why if the connection ended first."""
+        if self._secured:
+            return succeed(self)
+        if self.lost:
+            return fail(self._lost_reason)
+        d = Deferred()
+        self._awaiting_handshake.append(d)
+        return d
 
     def send(self, request: dict) -> None:
         self.transport.write(json.dumps(request).encode() + b"\n")
@@ -205,6 +236,12 @@ class AgentConnection(LineReceiver):
 
     def connectionLost(self, reason) -> None:
         self.lost = True
+        self._lost_reason = reason = reason or Failure(ConnectionDone())
+        if self.problem is None and reason.check(SSL.Error, VerificationError):
+            self.problem = f"ended TLS ({tls_error_text(reason.value)})"
+        waiting, self._awaiting_handshake = self._awaiting_handshake, []
+        for d in waiting:
+            d.errback(reason)
         self.results.put(_Closed)
 
     async def next_result(self, clock, deadline: float | None = None) -> Result | type[_Closed]:
@@ -271,9 +308,12 @@ class _Batch:
 class Scheduler:
     """Runs one batch; `out` takes bytes (the results), `err` text (complaints)."""
 
-    def __init__(self, reactor, agents: list[tuple[str, int]], out=None, err=None):
+    def __init__(self, reactor, agents: list[tuple[str, int]], out=None, err=None,
+                 tls: ClientTLS | None = None):
+        """tls: connect with TLS, verifying each agent's certificate for its host."""
         self._reactor = reactor
         self._agents = agents
+        self._tls = tls
         self._out = out if out is not None else sys.stdout.buffer
         self._err = err if err is not None else sys.stderr
         self._started = reactor.seconds()
@@ -284,10 +324,21 @@ class Scheduler:
 
     async def connect(self, address: tuple[str, int]) -> AgentConnection | None:
         try:
-            return await connectProtocol(_endpoint(self._reactor, *address), AgentConnection())
+            connection = await connectProtocol(_endpoint(self._reactor, *address, self._tls),
+                                               AgentConnection())
+            if self._tls is not None:  # else a refused certificate would look like a drop
+                await self._handshake(connection)
+            return connection
         except Exception as e:
             self._complain(f"cannot connect to {_name(address)}: {_reason(e)}")
             return None
+
+    async def _handshake(self, connection: AgentConnection) -> None:
+        try:
+            await connection.secured().addTimeout(CONNECT_TIMEOUT, self._reactor)
+        except TimeoutError:
+            connection.transport.abortConnection()
+            raise TimeoutError(f"no TLS handshake within {CONNECT_TIMEOUT:g} s") from None
 
     def emit(self, result: Result) -> None:
         self.summary.count(result.fields)
@@ -399,7 +450,13 @@ class Scheduler:
         self._complain(f"{_name(address)} {what}{' mid-task' if mid_task else ''}{then}")
 
 
-def _endpoint(reactor, host: str, port: int):
+def _endpoint(reactor, host: str, port: int, tls: ClientTLS | None = None):
+    """TLS over TCP when tls is given, checking the agent's certificate for host."""
+    tcp = _tcp_endpoint(reactor, host, port)
+    return tcp if tls is None else wrapClientTLS(tls.options_for(host), tcp)
+
+
+def _tcp_endpoint(reactor, host: str, port: int):
     """A plain TCP endpoint for an IP literal: HostnameEndpoint would add 0.3 s to a refusal."""
     if isIPAddress(host):
         return TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
@@ -417,6 +474,8 @@ def _reason(e: Exception) -> str:
     """'Connection refused' rather than Twisted's 'Connection was refused by other side: 111: ...'."""
     if isinstance(e, ConnectError) and isinstance(e.osError, int):
         return os.strerror(e.osError)
+    if isinstance(e, (SSL.Error, VerificationError)):
+        return f"TLS: {tls_error_text(e)}"
     return str(e).strip().rstrip(".") or type(e).__name__
 
 
@@ -424,12 +483,19 @@ def _reason(e: Exception) -> str:
 
 
 class Options(usage.Options):
-    synopsis = "Usage: agent-scheduler [--agent HOST:PORT]... [--pace MS] [FILE]"
+    synopsis = ("Usage: agent-scheduler [--agent HOST:PORT]... [--pace MS] "
+                "[--ca CA.pem [--cert CERT.pem --key KEY.pem]] [FILE]")
     longdesc = ("Send the task requests in FILE (JSON lines or a JSON array; default stdin) "
                 "to the agents, print each result as a JSON line on stdout and a summary "
                 "on stderr.")
-    optParameters = [["pace", None, None, "Reference mode: one connection to the first agent, "
-                      "a request every MS milliseconds without waiting for results.", float]]
+    optParameters = [
+        ["pace", None, None, "Reference mode: one connection to the first agent, "
+         "a request every MS milliseconds without waiting for results.", float],
+        ["ca", None, None, "Connect with TLS and accept only an agent whose certificate these "
+         "CA certificates (PEM) signed for the HOST given in --agent."],
+        ["cert", None, None, "Client certificate (PEM) to show an agent's mtls: door; needs --ca."],
+        ["key", None, None, "Private key of --cert (PEM, unencrypted); default: the --cert file."],
+    ]
 
     def __init__(self):
         super().__init__()
@@ -447,6 +513,19 @@ class Options(usage.Options):
             self["agents"] = [parse_address(DEFAULT_AGENT)]
         if self["pace"] is not None and not 0 <= self["pace"] < float("inf"):
             raise usage.UsageError("--pace wants a number of milliseconds, 0 or more")
+        self["tls"] = self._client_tls()
+
+    def _client_tls(self) -> ClientTLS | None:
+        if self["key"] and not self["cert"]:
+            raise usage.UsageError("--key goes with --cert")
+        if self["cert"] and not self["ca"]:
+            raise usage.UsageError("--cert needs --ca: the CA that signed the agent's certificate")
+        if not self["ca"]:
+            return None
+        try:
+            return ClientTLS.from_files(self["ca"], self["cert"], self["key"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def read_input(path: str | None) -> str:
@@ -472,7 +551,7 @@ async def _run(reactor, options: Options) -> None:
     except InputError as e:
         sys.stderr.write(f"agent-scheduler: {e}\n")
         raise SystemExit(2)
-    scheduler = Scheduler(reactor, options["agents"])
+    scheduler = Scheduler(reactor, options["agents"], tls=options["tls"])
     if options["pace"] is not None:
         await scheduler.paced(requests, options["pace"] / 1000.0)
     else:

@@ -83,7 +83,10 @@ def test_fifty_connections_of_two_hundred_tasks_each(start_agent):
           + ", ".join(f"{kib} KiB {name} round {when}" for (name, when), kib in rss.items()))
     assert rss["first", "released"] < rss_idle + NEAR_IDLE_KIB, rss
     assert rss["second", "released"] < rss_idle + NEAR_IDLE_KIB, rss
-    assert rss["second", "drained"] < rss["first", "drained"] + 8 * 1024, (
+    # "drained" is read a moment after the round, racing the agent's own give-back (a
+    # second after the burst drains): on a busy machine one round's reading may come
+    # after it, the other's before. The released readings are taken at the same point.
+    assert rss["second", "released"] < rss["first", "released"] + 8 * 1024, (
         f"RSS grew over a second round: a per-task leak ({rss})")
 
 

@@ -22,6 +22,7 @@ from tests.e2e.conftest import REPO
 
 DOORS = ("TCP task protocol", "HTTP API")
 PLUGIN = "twisted/plugins/agent_plugin.py"
+ENDPOINTS = "twisted/plugins/agent_endpoints.py"  # the mtls: endpoint string parser
 
 
 def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
@@ -91,7 +92,7 @@ def test_the_wheel_holds_the_agent_package_whole_and_the_plugin_and_nothing_else
         metadata = next(wheel.read(n).decode() for n in dist_info if n.endswith("/METADATA"))
     shipped = names - dist_info
     # Every file under agent/: subpackages, and data such as agent/doors/http/static/*.
-    assert shipped == _checkout_files_under("agent") | {PLUGIN}
+    assert shipped == _checkout_files_under("agent") | {PLUGIN, ENDPOINTS}
     for never in ("twisted/__init__.py", "twisted/plugins/__init__.py"):
         assert never not in names  # would overwrite the installed Twisted's own
     assert not [n for n in names if n.endswith("dropin.cache") or "__pycache__" in n
@@ -131,6 +132,14 @@ def test_the_installed_agent_runs_a_task_through_each_door_and_stops_clean(insta
     assert agent.stop() == 0, agent.log
     assert agent.survivors() == []
     assert "Traceback" not in agent.log, agent.log
+
+
+def test_the_installed_twisted_finds_the_mtls_endpoint_plugin(installed):
+    where = installed.run("python", "-c", "from twisted.plugin import getPlugins; "
+                          "from twisted.internet.interfaces import IStreamServerEndpointStringParser as I; "
+                          "import sys; [print(sys.modules[type(p).__module__].__file__) "
+                          "for p in getPlugins(I) if p.prefix == 'mtls']").stdout.split()
+    assert len(where) == 1 and Path(where[0]).resolve().is_relative_to(installed.venv.resolve()), where
 
 
 def test_the_installed_scheduler_script_runs(installed):

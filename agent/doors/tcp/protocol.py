@@ -21,6 +21,7 @@ from agent.core.task import Task
 from agent.doors.tcp import protected as protected_mode
 from agent.doors.tcp.guards import ConnectionCap, line_timed_out
 from agent.doors.tcp.linewriter import Budget, Line, LineWriter
+from agent.tls import peer_certificate_subject
 from agent.doors.tcp.wire import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest,
                             encode_error, encode_result, encode_result_pieces, looks_like_http,
                             parse_request)
@@ -118,11 +119,20 @@ class TaskLineProtocol(LineReceiver):
             return
         self._answering += 1
         decided = self._engine.admit(request, self._lane, StdoutCollector(), "tcp", held=True,
-                                     launched_by=self._launched_by,
+                                     launched_by=self._who(),
                                      output_limit=self._max_output)
         decided.addCallbacks(self._admitted, self._not_admitted, callbackArgs=(request,),
                              errbackArgs=(request,))
         decided.addBoth(self._answered)
+
+    def _who(self) -> str:
+        """cert:SUBJECT for a client that proved a certificate (an mtls: door), else
+        tcp:HOST:PORT. Asked at the first request, once the TLS handshake is done."""
+        if self._launched_by is None:
+            subject = peer_certificate_subject(self.transport)
+            self._launched_by = (f"cert:{subject}" if subject is not None
+                                 else "tcp:" + _describe(self.transport.getPeer()))
+        return self._launched_by
 
     def _refuse_http(self) -> None:
         """Close at once, answering nothing and starting nothing that follows (see looks_like_http)."""
@@ -135,8 +145,8 @@ class TaskLineProtocol(LineReceiver):
     def connectionMade(self):
         self._connections.joined()
         self._lines = LineWriter(self.transport, self._backlog, self._results_stuck)
-        self._launched_by = "tcp:" + _describe(self.transport.getPeer())
-        """Who the tasks of this connection are recorded as launched by."""
+        self._launched_by: str | None = None
+        """Who the tasks of this connection are recorded as launched by (see _who)."""
 
     # -- clients that stall: a partial line for too long, results not taken
 
