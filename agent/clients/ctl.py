@@ -34,19 +34,23 @@ DOOR_PAGE = 500
 class Console:
     """stdout and stderr as bytes, flushed at each write: output is shown as it comes."""
 
-    def __init__(self, out, err):
+    def __init__(self, out, err, streams: dict | None = None):
+        """streams: where each of a task's streams goes (default: stdout to out, stderr to err)."""
         self.out, self.err = out, err
+        self._streams = streams or {"stdout": out, "stderr": err}
 
     def write(self, stream: str, text: str) -> None:
-        f = self.out if stream == "stdout" else self.err
+        f = self._streams.get(stream, self.err)
         f.write(text.encode("utf-8", "replace"))
         f.flush()
 
     def say(self, text: str) -> None:
-        self.write("stdout", text + "\n")
+        self.out.write(text.encode("utf-8", "replace") + b"\n")
+        self.out.flush()
 
     def warn(self, text: str) -> None:
-        self.write("stderr", f"agentctl: {text}\n")
+        self.err.write(f"agentctl: {text}\n".encode("utf-8", "replace"))
+        self.err.flush()
 
     def json(self, value) -> None:
         self.say(json.dumps(value, indent=2, ensure_ascii=False))
@@ -126,8 +130,13 @@ def cmd_start(api: AgentApi, args, console: Console) -> int:
 
 
 def cmd_logs(api: AgentApi, args, console: Console) -> int:
-    streams = ("stderr",) if args.stderr else ("stdout", "stderr") if args.both else ("stdout",)
-    follow_output(api, args.id, streams, args.follow, console)
+    """The one stream asked for goes to stdout (to pipe it on), --both each to its own."""
+    if args.both:
+        follow_output(api, args.id, ("stdout", "stderr"), args.follow, console)
+    else:
+        stream = "stderr" if args.stderr else "stdout"
+        follow_output(api, args.id, (stream,), args.follow, Console(console.out, console.err,
+                                                                       {stream: console.out}))
     return 0
 
 

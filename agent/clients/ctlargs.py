@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true",
                       help="keep printing as the task writes, until it ends")
     which = logs.add_mutually_exclusive_group()
-    which.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
-    which.add_argument("--both", action="store_true", help="stdout to stdout, stderr to stderr")
+    which.add_argument("--stderr", action="store_true", help="the task's stderr instead of its stdout (printed on stdout)")
+    which.add_argument("--both", action="store_true", help="both: its stdout on stdout, its stderr on stderr")
     logs.add_argument("id", metavar="ID")
 
     command("cancel", "cancel a queued or running task (SIGTERM, then SIGKILL)",
