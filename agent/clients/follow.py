@@ -91,20 +91,21 @@ class OutputFollower:
         try:
             self._start_at(response.headers)
             while True:
-                line = response.readline()
+                try:
+                    line = response.readline()
+                except (socket.timeout, TimeoutError):
+                    return "idle", progressed, None
+                except (OSError, http.client.HTTPException):
+                    return "dropped", progressed, None
                 if not line:
                     return "eof", progressed, None
                 event = parser.feed(line)
                 if event is None:
                     continue
                 progressed = True
-                summary = self._handle(event)
+                summary = self._handle(event)  # a failed write (a broken pipe) is no drop
                 if summary is not None:
                     return "end", True, summary
-        except (socket.timeout, TimeoutError):
-            return "idle", progressed, None
-        except (OSError, http.client.HTTPException):
-            return "dropped", progressed, None
         finally:
             response.close()
 

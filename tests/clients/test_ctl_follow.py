@@ -173,3 +173,13 @@ def test_an_event_that_is_not_the_agents_json_is_a_client_error_not_a_traceback(
     f, _, _, _ = follower(FakeAgent(FakeResponse(bad)))
     with pytest.raises(ClientError, match="not a JSON object"):
         f.run()
+
+
+def test_a_failed_write_ends_the_follow_instead_of_passing_for_a_dropped_connection():
+    def broken_pipe(stream, text):
+        raise BrokenPipeError(32, "Broken pipe")
+    agent = FakeAgent(*[FakeResponse(chunk("stdout", "x", 1)) for _ in range(3)])
+    f = OutputFollower(agent.open, broken_pipe, ("stdout",))
+    with pytest.raises(BrokenPipeError):
+        f.run()
+    assert len(agent.queries) == 1

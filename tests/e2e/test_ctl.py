@@ -135,6 +135,18 @@ def test_ctrl_c_cancels_the_task_and_exits_130(agent):
         ("cancelled", "cancelled", "complete")
 
 
+def test_a_reader_that_leaves_cancels_the_task_as_sigpipe_would(agent):
+    proc = spawn_agentctl(agent, "run", "--", "yes")
+    try:
+        assert proc.stdout.readline() == b"y\n"
+        proc.stdout.close()  # `agentctl run -- yes | head -1`
+        assert proc.wait(20) == 141
+    finally:
+        proc.kill()
+        proc.wait()
+    assert newest_task(agent)["state"] == "cancelled"
+
+
 def test_start_logs_cancel_and_purge_a_task(agent):
     started = agentctl(agent, "start", "--", "sh", "-c", "echo hello; echo oops >&2; sleep 60")
     task_id = started.stdout.decode().strip()
