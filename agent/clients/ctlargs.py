@@ -102,23 +102,15 @@ def _task_arguments(sub: argparse.ArgumentParser) -> None:
                      help="add an environment variable (repeatable)")
     sub.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARG...",
                      help="the program and its arguments: an argv, never a shell line")
-    sub.set_defaults(check=_argv_given)
+    sub.set_defaults(check=lambda args: _argv_given(sub, args))
 
 
-def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+def _argv_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse alone cannot say: a run or start without a command."""
-    checker = getattr(args, "check", None)
-    if checker is not None:
-        checker(parser, args)
-    return args
-
-
-def _argv_given(parser, args) -> None:
     if args.argv[:1] == ["--"]:
         args.argv = args.argv[1:]
     if not args.argv:
-        parser.error(f"{args.command}: give the command after --, as in "
-                     f"agentctl {args.command} -- echo hello")
+        parser.error(f"give the command after --, as in agentctl {args.command} -- echo hello")
 
 
 def _positive_int(text: str) -> int:
@@ -150,5 +142,7 @@ def _variable(text: str) -> tuple[str, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    return check(parser, parser.parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "check"):
+        args.check(args)
+    return args

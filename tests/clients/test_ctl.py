@@ -50,6 +50,14 @@ def test_bad_arguments_exit_2_with_a_usage_message(argv, capsys):
     assert "usage: agentctl" in err and "Traceback" not in err
 
 
+def test_a_run_without_a_command_shows_runs_usage_and_how_to_give_one(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["run", "--timeout", "1"])
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: agentctl run [options] -- CMD ARG...",
+        "agentctl run: error: give the command after --, as in agentctl run -- echo hello"]
+
+
 def test_url_and_token_file_may_come_before_or_after_the_command():
     before = parse_args(["--url", "http://a:1", "--token-file", "t", "tasks"])
     after = parse_args(["tasks", "--url", "http://a:1", "--token-file", "t"])
