@@ -90,7 +90,7 @@ def cmd_tasks(api: AgentApi, args, console: Console) -> int:
     tasks = list_tasks(api, args.state, args.door, args.limit)
     if args.json:
         console.json(tasks)
-    elif tasks:
+    else:
         width = shutil.get_terminal_size().columns if console.out.isatty() else None
         console.say(ctlview.table(ctlview.task_rows(tasks), width=width))
     return 0

@@ -82,6 +82,11 @@ def run_task(api: AgentApi, body: dict, console) -> int:
             with interrupts.held():
                 record = start_task(api, body)
             summary = follow_output(api, record["id"], ("stdout", "stderr"), True, console)
+        except ClientError as e:
+            if record is None:
+                raise
+            raise ClientError(f"{e}; task {record['id']} may still be running "
+                              f"(agentctl cancel {record['id']})") from None
         except Interrupted as e:
             if record is not None:
                 _cancel(api, record["id"], console)

@@ -168,6 +168,11 @@ def test_a_task_table_has_a_header_and_a_row_a_task():
                                 "2026-11-23T04:18:51Z", "4ms", "sh", "-c", "'exit", "3'"]
 
 
+def test_an_empty_table_is_its_header():
+    assert table(task_rows([])).split() == ["ID", "STATE", "EXIT", "SOURCE", "CREATED",
+                                             "DURATION", "COMMAND"]
+
+
 def test_a_table_is_cut_at_the_terminals_width():
     assert max(map(len, table(task_rows([RECORD]), width=60).splitlines())) <= 60
 
