@@ -98,6 +98,7 @@ def test_the_wheel_holds_the_agent_package_whole_and_the_plugin_and_nothing_else
     assert not [n for n in names if n.endswith("dropin.cache") or "__pycache__" in n
                 or n.startswith(("tests/", "bench/"))]
     assert "agent-scheduler = agent.clients.scheduler:main" in entry_points
+    assert "agentctl = agent.clients.ctl:main" in entry_points
     assert "Provides-Extra: test" in metadata
 
 
@@ -129,6 +130,10 @@ def test_the_installed_agent_runs_a_task_through_each_door_and_stops_clean(insta
     assert (response.status, response.read()) == (200, b"hi\n")
     connection.close()
 
+    ran = installed.run("agentctl", "--url", f"http://127.0.0.1:{agent.ports['HTTP API']}",
+                        "--token-file", data_dir / "token", "run", "--", "echo", "hi")
+    assert ran.stdout == "hi\n"
+
     assert agent.stop() == 0, agent.log
     assert agent.survivors() == []
     assert "Traceback" not in agent.log, agent.log
@@ -145,6 +150,12 @@ def test_the_installed_twisted_finds_the_mtls_endpoint_plugin(installed):
 def test_the_installed_scheduler_script_runs(installed):
     usage = installed.run("agent-scheduler", "--help").stdout
     assert usage.startswith("Usage: agent-scheduler"), usage
+
+
+def test_the_installed_agentctl_script_runs(installed):
+    usage = installed.run("agentctl", "--help").stdout
+    assert usage.startswith("usage: agentctl"), usage
+    assert "examples:" in usage
 
 
 def test_the_development_install_finds_the_checkouts_plugin_from_anywhere(tmp_path):
