@@ -156,37 +156,3 @@ def test_agent_scheduler_with_a_client_certificate_runs_tasks_over_mtls(agent, f
     assert refused.returncode == 1 and refused.stdout == ""
     assert "TLS" in refused.stderr, refused.stderr
     assert agent.stop() == 0
-
-
-def _this_hosts_address() -> str | None:
-    """A non-loopback IPv4 address of this host (no packet is sent), or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
-        except OSError:
-            return None
-        address = probe.getsockname()[0]
-    return None if address.startswith("127.") else address
-
-
-def test_bound_beyond_loopback_an_mtls_door_serves_a_peer_on_another_address(
-        start_agent, files, tmp_path):
-    """Protected mode refuses non-loopback peers of a door without client
-    authentication; an mtls: door has it, so such a peer with a good certificate is served."""
-    address = _this_hosts_address()
-    if address is None:
-        pytest.skip("this host has no non-loopback IPv4 address")
-    agent = start_agent("--listen", files.mtls(0, interface="0.0.0.0"),
-                        "--data-dir", str(tmp_path / "data"))
-    context = _context(files)
-    context.check_hostname = False  # the test server certificate names loopback only
-    sock = socket.create_connection((address, agent.tcp_port), timeout=15)
-    client = LineClient(context.wrap_socket(sock))
-    try:
-        client.send({"command": ["echo", "from", address]})
-        result = client.receive()
-    finally:
-        client.close()
-    assert result["output"] == f"from {address}\n", result
-    assert "protected mode" not in agent.log, agent.log
-    assert agent.stop() == 0
