@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -61,11 +62,30 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """For an https:// agent: trust --ca (else the system's CAs), show --cert/--key (an mtls:
+    door asks for a client certificate its CA signed); None when no option is given."""
+    if ca is None and cert is None and key is None:
+        return None
+    if key is not None and cert is None:
+        raise ClientError("--key needs --cert: the certificate the key belongs to")
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ClientError(f"cannot load the TLS files: {_why(e)}") from None
+    return context
+
+
 class AgentApi:
-    def __init__(self, url: str, token_file: str):
+    def __init__(self, url: str, token_file: str, tls: ssl.SSLContext | None = None):
         self.url = check_url(url)
+        if tls is not None and not self.url.startswith("https://"):
+            raise ClientError("--ca, --cert and --key need an https:// --url")
         self.token_file = token_file
         self._token: str | None = None
+        self._tls = tls
 
     def call(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
              auth: bool = True, timeout: float = REQUEST_TIMEOUT) -> dict:
@@ -99,7 +119,7 @@ class AgentApi:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data, headers, method=method)
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
+            return urllib.request.urlopen(request, timeout=timeout, context=self._tls)
         except urllib.error.HTTPError as e:
             raise self._refusal(e) from None
         except urllib.error.URLError as e:

@@ -20,7 +20,8 @@ import signal
 import sys
 
 from agent.clients import ctlview
-from agent.clients.agentapi import DEFAULT_TOKEN_FILE, DEFAULT_URL, AgentApi, ClientError
+from agent.clients.agentapi import (DEFAULT_TOKEN_FILE, DEFAULT_URL, AgentApi, ClientError,
+                                    tls_context)
 from agent.clients.ctlargs import parse_args
 from agent.clients.ctlrun import CANCEL_TIMEOUT, Interrupted, follow_output, run_task, start_task
 from agent.clients.ctlview import AGENT_FAILED
@@ -63,8 +64,11 @@ def main(argv=None, environ=None, out=None, err=None) -> int:
     url = getattr(args, "url", None) or environ.get("AGENT_URL") or DEFAULT_URL
     token_file = (getattr(args, "token_file", None) or environ.get("AGENT_TOKEN_FILE")
                   or DEFAULT_TOKEN_FILE)
+    tls = {name: getattr(args, name, None) or environ.get(f"AGENT_{name.upper()}")
+           for name in ("ca", "cert", "key")}
     try:
-        return COMMANDS[args.command](AgentApi(url, token_file), args, console)
+        api = AgentApi(url, token_file, tls_context(**tls))
+        return COMMANDS[args.command](api, args, console)
     except ClientError as e:
         console.warn(str(e))
         return AGENT_FAILED

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
                         help="a file whose first line is the bearer token "
                              f"(env AGENT_TOKEN_FILE; default {DEFAULT_TOKEN_FILE})")
+    common.add_argument("--ca", default=argparse.SUPPRESS, metavar="PEM",
+                        help="with an https:// --url: the CA that signed the agent's "
+                             "certificate (env AGENT_CA; default: the system's)")
+    common.add_argument("--cert", default=argparse.SUPPRESS, metavar="PEM",
+                        help="a client certificate, for an agent on an mtls: door (env AGENT_CERT)")
+    common.add_argument("--key", default=argparse.SUPPRESS, metavar="PEM",
+                        help="its private key, if not in the --cert file (env AGENT_KEY)")
     parser = argparse.ArgumentParser(prog="agentctl", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

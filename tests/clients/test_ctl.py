@@ -257,3 +257,16 @@ def test_a_signal_ignored_when_started_stays_ignored():
             os.kill(os.getpid(), signal.SIGHUP)
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_tls_options_need_an_https_url_and_a_key_needs_its_certificate(tmp_path):
+    import pytest as _pytest
+
+    from agent.clients.agentapi import AgentApi, ClientError, tls_context
+    with _pytest.raises(ClientError, match="--key needs --cert"):
+        tls_context(None, None, str(tmp_path / "key.pem"))
+    with _pytest.raises(ClientError, match="cannot load the TLS files"):
+        tls_context(str(tmp_path / "missing-ca.pem"), None, None)
+    assert tls_context(None, None, None) is None
+    with _pytest.raises(ClientError, match="need an https:// --url"):
+        AgentApi("http://127.0.0.1:8080", "token", tls_context(None, None, None) or object())

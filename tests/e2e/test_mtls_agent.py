@@ -156,3 +156,31 @@ def test_agent_scheduler_with_a_client_certificate_runs_tasks_over_mtls(agent, f
     assert refused.returncode == 1 and refused.stdout == ""
     assert "TLS" in refused.stderr, refused.stderr
     assert agent.stop() == 0
+
+
+def _agentctl(agent, tmp_path, *args, env_extra=None):
+    import os
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "agent.clients.ctl",
+                           "--url", f"https://127.0.0.1:{agent.ports['HTTP API']}",
+                           "--token-file", str(tmp_path / "data" / "token"), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+
+
+def test_agentctl_with_a_client_certificate_runs_a_task_over_mtls(agent, files, tmp_path):
+    ran = _agentctl(agent, tmp_path, "--ca", str(files.ca), "--cert", str(files.client_cert),
+                    "--key", str(files.client_key), "run", "--", "echo", "over agentctl")
+    assert (ran.returncode, ran.stdout) == (0, "over agentctl\n"), ran.stderr
+    from_env = _agentctl(agent, tmp_path, "health",
+                         env_extra={"AGENT_CA": str(files.ca), "AGENT_CERT": str(files.client_cert),
+                                    "AGENT_KEY": str(files.client_key)})
+    assert from_env.returncode == 0, from_env.stderr
+
+
+def test_agentctl_without_a_client_certificate_is_refused_in_one_line(agent, files, tmp_path):
+    refused = _agentctl(agent, tmp_path, "--ca", str(files.ca), "run", "--", "echo", "no")
+    assert refused.returncode == 125 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert agent.stop() == 0
+    assert "task " not in "\n".join(l for l in agent.log.splitlines() if "exited" in l)
