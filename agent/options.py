@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 from twisted.python import usage
@@ -11,8 +14,37 @@ from agent.doors.tcp.wire import TIMEOUT_UNITS
 from agent.history.retention import parse_size
 
 
+ENV_PREFIX = "AGENT_"
+FLAG_WORDS = {"1": 1, "true": 1, "yes": 1, "0": 0, "false": 0, "no": 0}
+"""What a flag's environment variable may say, in any case."""
+NOT_FROM_ENVIRONMENT = {"token-file"}
+"""AGENT_TOKEN_FILE is agentctl's: the client's token, maybe a named, narrower one. Read as
+the agent's --token-file it would make that token an admin token (or create an admin token
+next to a --tokens-file), so the agent takes --token-file from the file or command line only."""
+
+
+def env_name(option: str) -> str:
+    """AGENT_KEEP_TCP_OUTPUT for keep-tcp-output."""
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+class _Recorded(usage.CoerceParameter):
+    """A parameter's usual coercion, noting that the command line gave it."""
+
+    def dispatch(self, parameterName, value):
+        super().dispatch(parameterName, value)
+        self.options.given.add(parameterName)
+
+
 class Options(usage.Options):
+    """Every option may also come from a TOML file (--config) or an AGENT_<OPTION> variable:
+    defaults < file < environment < command line (docs/operations.md)."""
+
     optParameters = [
+        ["config", None, None,
+         "TOML file of options (keys are the long option names: parallel = 4, "
+         "keep-tcp-output = true); AGENT_<OPTION> variables override it and the command "
+         "line overrides both. Also from AGENT_CONFIG."],
         ["listen", "l", "tcp:3000:interface=127.0.0.1",
          "Twisted server endpoint for the TCP task protocol (tcp:3000 = all interfaces; ssl:... "
          "works; mtls:PORT:privateKey=K:certKey=C:caCerts=CA requires client certificates)."],
@@ -87,7 +119,116 @@ class Options(usage.Options):
          "count the bytes but keep none."],
     ]
 
+    def __init__(self, environ: Mapping[str, str] | None = None):
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+        """Where AGENT_<OPTION> variables are read: os.environ unless a test passes its own."""
+        self.given: set[str] = set()
+        """The options the command line set; neither the file nor the environment overrides them."""
+        self.sources: dict[str, str] = {}
+        """Where each option that came from the file or the environment came from, for errors."""
+        for name, dispatch in self._dispatch.items():
+            if isinstance(dispatch, usage.CoerceParameter):
+                self._dispatch[name] = _Recorded(self, dispatch.coerce)
+
+    def _generic_flag(self, flagName, value=None):
+        super()._generic_flag(flagName, value)
+        self.given.add(flagName)
+
     def postOptions(self):
+        self.merge_file_and_environment()
+        try:
+            self.check()
+        except usage.UsageError as e:
+            raise usage.UsageError(self._with_source(str(e))) from None
+
+    def _with_source(self, message: str) -> str:
+        """Name the file key or variable a rejected value came from."""
+        named = re.match(r"--([a-z-]+)", message)
+        if named and named[1] in self.sources:
+            return f"{message} (from {self.sources[named[1]]})"
+        return message
+
+    def _options(self) -> tuple[set[str], set[str]]:
+        flags = {flag[0] for flag in self.optFlags}
+        parameters = {parameter[0] for parameter in self.optParameters} - {"config"}
+        return flags, parameters
+
+    def merge_file_and_environment(self) -> None:
+        """Fill in what the command line left out: from AGENT_<OPTION>, else from the
+        --config file, through the command line's own coercion."""
+        flags, parameters = self._options()
+        path = self["config"]
+        source = "--config"
+        if "config" not in self.given and self.environ.get(env_name("config")):
+            path, source = self.environ[env_name("config")], env_name("config")
+        from_file = self._read_config(path, source, flags | parameters) if path else {}
+        for name in sorted(flags | parameters):
+            if name in self.given:
+                continue
+            if env_name(name) in self.environ and name not in NOT_FROM_ENVIRONMENT:
+                where, value = env_name(name), self.environ[env_name(name)]
+                if name in flags:
+                    word = value.strip().lower()
+                    if word not in FLAG_WORDS:
+                        raise usage.UsageError(
+                            f"{where}={value!r}: a flag is 1, 0, true, false, yes or no")
+                    self[name] = FLAG_WORDS[word]
+                else:
+                    self._coerce(name, value, where)
+            elif name in from_file:
+                key, value = from_file[name]
+                where = f"{path}, key {key}"
+                if name in flags:
+                    if not isinstance(value, bool):
+                        raise usage.UsageError(f"{where}: a flag is true or false, not {value!r}")
+                    self[name] = int(value)
+                else:
+                    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                        raise usage.UsageError(
+                            f"{where}: expected a string or a number, not {value!r}")
+                    self._coerce(name, str(value), where)
+            else:
+                continue
+            self.sources[name] = where
+
+    def _coerce(self, name: str, value: str, where: str) -> None:
+        try:
+            self[name] = self._dispatch[name].coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"{where}: bad value {value!r} for --{name}: {e}") from None
+
+    @staticmethod
+    def _read_config(path: str, source: str, known: set[str]) -> dict[str, tuple[str, object]]:
+        """The file's options by long name, each with the key as spelled there."""
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise usage.UsageError(f"{source} {path}: no such file") from None
+        except OSError as e:
+            raise usage.UsageError(f"{source} {path}: cannot read it: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise usage.UsageError(f"{source} {path}: not valid TOML: {e}") from None
+        options: dict[str, tuple[str, object]] = {}
+        unknown = []
+        for key, value in table.items():
+            name = key.replace("_", "-")
+            if name not in known:
+                unknown.append(key)
+            elif name in options:
+                raise usage.UsageError(
+                    f"{path}: {options[name][0]} and {key} are the same option")
+            else:
+                options[name] = (key, value)
+        if unknown:
+            raise usage.UsageError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                                   + ", ".join(sorted(unknown))
+                                   + " (keys are the long option names of twistd agent --help)")
+        return options
+
+    def check(self):
+        """The command line's checks, on the merged values."""
         if self["timeout-unit"] not in TIMEOUT_UNITS:
             raise usage.UsageError("--timeout-unit must be s or ms")
         if self["protected-mode"] not in ("yes", "no"):

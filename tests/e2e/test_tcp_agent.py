@@ -386,19 +386,29 @@ def test_request_limits_reach_the_task(start_agent):
     assert "unknown key 'gpus'" in results["bad"]["error"]
 
 
-def test_the_example_systemd_unit_starts_an_agent_with_valid_options():
-    """examples/agent.service must not rot: its ExecStart options parse, and the
+UNITS = ["agent.service", "agent-config.service"]
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_the_example_systemd_unit_starts_an_agent_with_valid_options(name):
+    """The example units must not rot: their ExecStart options parse (agent-config.service's
+    --config file is read as examples/agent.toml, which is what it stands for), and the
     stop timeout leaves room for the grace and the cleanup checks."""
     from agent.runner.process import CLEANUP_DEADLINE
     from agent.service import Options
 
-    unit = (REPO / "examples" / "agent.service").read_text()
+    unit = (REPO / "examples" / name).read_text()
     settings = dict(line.split("=", 1) for line in unit.replace("\\\n", " ").splitlines()
                     if "=" in line and not line.startswith("#"))
     argv = settings["ExecStart"].split()
     assert argv[1:4] == ["-n", "--pidfile=", "agent"]
-    options = Options()
-    options.parseOptions(argv[4:])
+    args = argv[4:]
+    if "--config" in args:
+        assert args[args.index("--config") + 1] == "/etc/agent/agent.toml"
+        args[args.index("--config") + 1] = str(REPO / "examples" / "agent.toml")
+    options = Options(environ={})
+    options.parseOptions(args)
+    assert options["data-dir"] == settings["WorkingDirectory"] == "/var/lib/agent"
     assert settings["KillMode"] == "mixed"
     assert float(settings["TimeoutStopSec"]) > options["shutdown-grace"] + CLEANUP_DEADLINE
     hardening = {"UMask": "0077", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
@@ -407,17 +417,36 @@ def test_the_example_systemd_unit_starts_an_agent_with_valid_options():
     assert int(settings["TasksMax"]) > 0 and settings["MemoryMax"]
 
 
-def test_the_systemd_unit_rates_ok_in_systemd_analyze_security(tmp_path):
+@pytest.mark.parametrize("name", UNITS)
+def test_the_systemd_unit_rates_ok_in_systemd_analyze_security(tmp_path, name):
     """Its exposure was 9.2 UNSAFE before the hardening; systemd's own score keeps it honest."""
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze (Debian's systemd package) is on every machine of this kind"
-    unit = tmp_path / "agent.service"
-    shutil.copy(REPO / "examples" / "agent.service", unit)
+    unit = tmp_path / name
+    shutil.copy(REPO / "examples" / name, unit)
     rated = subprocess.run([analyze, "security", "--offline=true", str(unit)],
                            capture_output=True, text=True, timeout=60)
-    score = re.search(r"Overall exposure level for agent.service: ([\d.]+)", rated.stdout)
+    score = re.search(rf"Overall exposure level for {re.escape(name)}: ([\d.]+)", rated.stdout)
     assert score, rated.stdout + rated.stderr
     assert float(score[1]) < 3.0, rated.stdout
+
+
+def test_a_config_file_sets_the_running_agents_options(start_agent, tmp_path):
+    """twistd -n agent --config FILE: the file's timeout-unit makes a 300 ms timeout, and its
+    parallel = 1 with when-busy = reject answers a second task busy; the environment beats it."""
+    config = tmp_path / "agent.toml"
+    config.write_text('timeout-unit = "ms"\nparallel = 1\nwhen_busy = "reject"\n')
+    agent = start_agent("--config", str(config), env={"AGENT_PARALLEL": "2"})
+    client = agent.connect()
+    client.send({"command": ["sleep", "5"], "timeout": 300, "id": "slow"},
+                {"command": ["sleep", "5"], "timeout": 300, "id": "second"},
+                {"command": ["sleep", "5"], "timeout": 300, "id": "busy"})
+    started = time.monotonic()
+    results = {r["id"]: r for r in client.receive_many(3)}
+    assert time.monotonic() - started < 4, "the timeouts were milliseconds, not seconds"
+    assert results["busy"]["error"] == "cannot allow concurrent executions"
+    for key in ("slow", "second"):
+        assert (results[key]["exit_code"], results[key]["error"]) == (-1, "timeout exceeded")
 
 
 def test_a_browser_form_post_to_the_tcp_door_runs_nothing(start_agent, tmp_path):
