@@ -1,8 +1,10 @@
 """The agent's options: `twistd agent --help` is their reference."""
 from __future__ import annotations
 
+import getopt
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,14 +28,6 @@ next to a --tokens-file), so the agent takes --token-file from the file or comma
 def env_name(option: str) -> str:
     """AGENT_KEEP_TCP_OUTPUT for keep-tcp-output."""
     return ENV_PREFIX + option.upper().replace("-", "_")
-
-
-class _Recorded(usage.CoerceParameter):
-    """A parameter's usual coercion, noting that the command line gave it."""
-
-    def dispatch(self, parameterName, value):
-        super().dispatch(parameterName, value)
-        self.options.given.add(parameterName)
 
 
 class Options(usage.Options):
@@ -127,13 +121,24 @@ class Options(usage.Options):
         """The options the command line set; neither the file nor the environment overrides them."""
         self.sources: dict[str, str] = {}
         """Where each option that came from the file or the environment came from, for errors."""
-        for name, dispatch in self._dispatch.items():
-            if isinstance(dispatch, usage.CoerceParameter):
-                self._dispatch[name] = _Recorded(self, dispatch.coerce)
 
-    def _generic_flag(self, flagName, value=None):
-        super()._generic_flag(flagName, value)
-        self.given.add(flagName)
+    def parseOptions(self, options=None):
+        self.given = self._named_by(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def _named_by(self, argv: list[str]) -> set[str]:
+        """The long names of the options argv sets, found as usage.Options finds them."""
+        try:
+            opts, _ = getopt.getopt(argv, self.shortOpt, self.longOpt)
+        except getopt.GetoptError:
+            return set()  # usage.Options raises the same error as a UsageError
+        named = set()
+        for opt, _ in opts:
+            opt = opt.lstrip("-")
+            name = self.synonyms.get(opt) or self.synonyms.get(opt.replace("-", "_"))
+            if name:
+                named.add(name)
+        return named
 
     def postOptions(self):
         self.merge_file_and_environment()
@@ -148,6 +153,11 @@ class Options(usage.Options):
         if named and named[1] in self.sources:
             return f"{message} (from {self.sources[named[1]]})"
         return message
+
+    def _coercions(self) -> dict:
+        """Each parameter's coerce function, as usage.Options applies it (str if none)."""
+        return {parameter[0]: (parameter[4] if len(parameter) > 4 and parameter[4] else str)
+                for parameter in self.optParameters}
 
     def _options(self) -> tuple[set[str], set[str]]:
         flags = {flag[0] for flag in self.optFlags}
@@ -194,7 +204,7 @@ class Options(usage.Options):
 
     def _coerce(self, name: str, value: str, where: str) -> None:
         try:
-            self[name] = self._dispatch[name].coerce(value)
+            self[name] = self._coercions()[name](value)
         except ValueError as e:
             raise usage.UsageError(f"{where}: bad value {value!r} for --{name}: {e}") from None
 
