@@ -28,6 +28,7 @@ from agent.history import datadir
 from agent.history.retention import Policy, Retention
 from agent.history.store import Store
 from agent.memory import BurstRelease
+from agent.metrics import Metrics
 from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
@@ -200,11 +201,16 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
                   keep_bytes=options["keep-bytes"])
     retention = Retention(store, Policy(options["keep-days"], options["keep-bytes"]), reactor)
     release = BurstRelease(reactor, lambda: len(engine.live))
+    metrics = Metrics(live=lambda: engine.live.values(), health=store.health,
+                      usage=lambda: store.last_usage,
+                      escapees_killed=lambda: None if escapees is None else escapees.killed)
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe, retention.observe], allow=options.allow)
+                    observers=[release.observe, retention.observe, metrics.observe],
+                    cleanup_observers=[metrics.observe_cleanup],
+                    refusal_observers=[metrics.refused], allow=options.allow)
+    escapees = EscapeeReaper(reactor, engine.live.keys) if own_process else None
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
-                         handle_signals=own_process,
-                         escapees=EscapeeReaper(reactor, engine.live.keys) if own_process else None)
+                         handle_signals=own_process, escapees=escapees)
     release.setServiceParent(agent)
     retention.setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
@@ -219,7 +225,7 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     _door(reactor, options["listen"], agent.tcp_factory, "TCP task protocol",
           then=partial(_say_how_protected, protected)).setServiceParent(agent)
     if options["http"]:
-        agent.site = _http_site(options, reactor, engine, store, environ)
+        agent.site = _http_site(options, reactor, engine, store, metrics, environ)
         _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
     return agent
 
@@ -232,7 +238,8 @@ def _backlog(options: Options, reactor) -> Backlog:
     return Backlog(options["max-pending-output"], Spill(options["data-dir"], in_thread))
 
 
-def _http_site(options: Options, reactor, engine: Engine, store: Store, environ):
+def _http_site(options: Options, reactor, engine: Engine, store: Store, metrics: Metrics,
+               environ):
     from agent.doors.http.api import make_site
     from agent.doors.http.auth import TokenAuth, load_or_create_token
 
@@ -241,4 +248,4 @@ def _http_site(options: Options, reactor, engine: Engine, store: Store, environ)
     if options.admin_token_wanted:
         auth = auth.with_admin(load_or_create_token(options["token-file"]))
     return make_site(engine, store, Lane(options["max-running"]), auth, options["kill-grace"],
-                     reactor, environ)
+                     reactor, environ, metrics=metrics)

@@ -29,6 +29,8 @@ ANY_MORE = "..."
 class NotAllowed(Refused):
     """The command is not on the allow-list; nothing starts."""
 
+    reason = "not_allowed"
+
     def __init__(self, why: str):
         super().__init__(f"command not allowed: {why}")
 

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from agent.core.allowlist import AllowList, NotAllowed
 from agent.core.decisions import (Attached, Busy, Decision, HistoryDown, HistoryFull, KeyConflict,
-                                  KeyForgotten, Replay, ShuttingDown, Started)
+                                  KeyForgotten, Refused, Replay, ShuttingDown, Started)
 from agent.core.lanes import Lane
 from agent.core.outcome import Ending, Outcome
 from agent.core.request import TaskRequest, for_log
@@ -54,10 +54,15 @@ class Engine:
 
     def __init__(self, reactor, history: History, *, start=start_task, log_tasks: str = "all",
                  observers: Iterable[Callable[[Task], None]] = (),
+                 cleanup_observers: Iterable[Callable[[Task], None]] = (),
+                 refusal_observers: Iterable[Callable[[str, str], None]] = (),
                  allow: AllowList | None = None):
         """history: records every task and answers for ended ones (required: without it
         an id could not be an idempotency key). observers: told of each state change
-        after the history. log_tasks: which ended tasks get a log line (LOG_TASKS).
+        after the history. cleanup_observers: told once a task's cleanup is known
+        (task.cleanup set), after the history. refusal_observers: told (door, reason)
+        of each request refused, by admission or by a door (see refused).
+        log_tasks: which ended tasks get a log line (LOG_TASKS).
         allow: the programs a request may run (None: any)."""
         if log_tasks not in LOG_TASKS:
             raise ValueError(f"log_tasks must be one of {LOG_TASKS}, not {log_tasks!r}")
@@ -66,6 +71,8 @@ class Engine:
         self._start_task = start
         self._log_tasks = log_tasks
         self._observers = (history.observe, *observers)
+        self._cleanup_observers = (history.observe_cleanup, *cleanup_observers)
+        self._refusal_observers = tuple(refusal_observers)
         self._allow = allow
         self.live: dict[str, Task] = {}
         self.live_by_key: dict[str, Task] = {}
@@ -100,42 +107,57 @@ class Engine:
                 run_options["executable"] = self._allow.executable(
                     request.command, run_options.get("cwd"), run_options.get("env"))
             except NotAllowed as refused:
-                return fail(refused)
+                return self._refuse(source, refused)
         key = request.id
         if key is not None:
             live = self.live_by_key.get(key)
             if live is not None:
-                return self._attach(live, request, held)
+                return self._attach(live, request, held, source)
             ended = self._history.task_for_key(key)
             if ended is not None:
-                return self._replay(ended, request)
+                return self._replay(ended, request, source)
         if durable:
             health = self._history.health()
             if not health["writable"]:
-                return fail(HistoryDown(health["error"]))
+                return self._refuse(source, HistoryDown(health["error"]))
             if health.get("full"):
-                return fail(HistoryFull())
+                return self._refuse(source, HistoryFull())
         try:
             task = self.submit(request, lane, sink, source, held, launched_by=launched_by,
                                **run_options)
         except (Busy, ShuttingDown) as refused:
-            return fail(refused)
+            return self._refuse(source, refused)
         return succeed(Started(task))
 
-    def _attach(self, task: Task, request: TaskRequest, held: bool) -> Deferred[Decision]:
+    def refused(self, source: str, reason: str) -> None:
+        """A request refused, told to the refusal observers: by admission (its Refused's
+        reason), or by the door `source` before admission (a malformed request, no token),
+        so every refusal is counted in one place whichever door saw it."""
+        for observer in self._refusal_observers:
+            observer(source, reason)
+
+    def _refuse(self, source: str, refusal: Refused) -> Deferred[Decision]:
+        self.refused(source, refusal.reason)
+        return fail(refusal)
+
+    def _attach(self, task: Task, request: TaskRequest, held: bool,
+                source: str) -> Deferred[Decision]:
         if task.request.command != request.command:
-            return fail(KeyConflict(request.id))
+            return self._refuse(source, KeyConflict(request.id))
         if held:
             task.hold()
         return succeed(Attached(task))
 
-    def _replay(self, task_id: str, request: TaskRequest) -> Deferred[Decision]:
+    def _replay(self, task_id: str, request: TaskRequest, source: str) -> Deferred[Decision]:
         def decide(record) -> Replay:
             if record is None:  # pruned or purged between the two looks
-                raise KeyForgotten(request.id)
-            if not record.is_command(request.command):
-                raise KeyConflict(request.id)
-            return Replay(record)
+                refusal: Refused = KeyForgotten(request.id)
+            elif not record.is_command(request.command):
+                refusal = KeyConflict(request.id)
+            else:
+                return Replay(record)
+            self.refused(source, refusal.reason)
+            raise refusal
         return self._history.get(task_id).addCallback(decide)
 
     def submit(self, request: TaskRequest, lane: Lane, sink: OutputSink, source: str = "tcp",
@@ -210,7 +232,8 @@ class Engine:
         if not emptied:
             log.error("task {id}: process group {pgid} still has members after repeated SIGKILL",
                       id=task.request.id or task.id, pgid=task.runner.pid)
-        self._history.observe_cleanup(task)
+        for observer in self._cleanup_observers:
+            observer(task)
         waiters, task._cleanup_waiters = task._cleanup_waiters, []
         for waiter in waiters:
             waiter.callback(task)

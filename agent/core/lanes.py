@@ -5,7 +5,7 @@ from typing import Sequence
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 
-from agent.core.decisions import Busy
+from agent.core.decisions import Busy, QueueFull
 
 
 class Lane:
@@ -39,9 +39,11 @@ class Lane:
         if self._slots.tokens > 0:
             return self._slots.acquire()
         size = sum(map(len, command))
-        if (not self.queue or 0 < self.max_waiting <= self.waiting
-                or 0 < self.max_waiting_bytes < self.waiting_bytes + size):
+        if not self.queue:
             raise Busy()
+        if (0 < self.max_waiting <= self.waiting
+                or 0 < self.max_waiting_bytes < self.waiting_bytes + size):
+            raise QueueFull()
         self.waiting_bytes += size
         return self._slots.acquire().addBoth(self._left_queue, size)
 

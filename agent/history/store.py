@@ -77,6 +77,9 @@ class Store:
         self._lock_fd: int | None = None
         self._database: SerialDatabase | None = None
         self.recovered: list[str] = []
+        self.last_usage: prune.Usage | None = None
+        """What usage() measured last (retention asks after tasks end and every prune):
+        what the metrics report, since measuring blocks and a scrape must not."""
 
     # -- lifecycle
 
@@ -250,7 +253,12 @@ class Store:
         live_bytes = self._live_bytes()
         d = self._database.run(prune.measure, self._data_dir)
         d.addCallback(lambda usage: replace(usage, output_bytes=usage.output_bytes + live_bytes))
+        d.addCallback(self._remember_usage)
         return d
+
+    def _remember_usage(self, usage: prune.Usage) -> prune.Usage:
+        self.last_usage = usage
+        return usage
 
     def _live_bytes(self) -> int:
         """What queued and running tasks' spools hold on disk now."""

@@ -114,6 +114,8 @@ class EscapeeReaper:
         """(pid, start time) of escapees already killed and logged: one that takes
         a while to die (or may not be killed) is signalled again, not logged again."""
         self._loop: LoopingCall | None = None
+        self.killed = 0
+        """Escapees killed since the agent started (each counted once, with what is below it)."""
 
     def start(self) -> None:
         own = os.getpid() if self._own_pid is None else self._own_pid
@@ -176,6 +178,7 @@ class EscapeeReaper:
         if (stat.pid, stat.start_time) in self._killed:
             return
         self._killed.add((stat.pid, stat.start_time))
+        self.killed += 1
         log.warn("process {pid} left its task's process group{when}: killed it{more}{refused}",
                  pid=stat.pid,
                  when=" (the agent is stopping)" if stopping else " and outlived its task",

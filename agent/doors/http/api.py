@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Mapping
 
 from twisted.web.http import HTTPChannel
@@ -12,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.history.store import Store
+from agent.metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from agent.doors.http.auth import TokenAuth
 from agent.doors.http.body import MAX_BODY, CappedContent
 from agent.doors.http.openapi import document
@@ -21,7 +23,7 @@ from agent.doors.http.tasks import TaskEndpoints
 
 
 def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float, clock: IReactorTime,
-           environ: Mapping[str, str] = os.environ) -> list[Route]:
+           environ: Mapping[str, str] = os.environ, *, metrics: Metrics) -> list[Route]:
     tasks = TaskEndpoints(engine, store, lane, kill_grace, environ)
     output = OutputEndpoint(store, clock)
     spec = document()
@@ -35,6 +37,8 @@ def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float, clock: I
         Route("DELETE", "/tasks/{id}", tasks.delete, scope="cancel"),  # ?purge=true: purge
         Route("POST", "/tasks/{id}/cancel", tasks.cancel, scope="cancel"),
         Route("GET", "/tasks/{id}/output", output.get),
+        Route("GET", "/metrics", lambda request: Response(200, metrics.exposition(),
+                                                          content_type=METRICS_TYPE)),
     ]
 
 
@@ -147,7 +151,9 @@ class ApiSite(Site):
 
 
 def make_site(engine: Engine, store: Store, lane: Lane, auth: TokenAuth, kill_grace: float,
-              clock: IReactorTime, environ: Mapping[str, str] = os.environ) -> ApiSite:
-    """clock also drives the site's own timers (header deadline, idle timeout)."""
-    return ApiSite(Router(routes(engine, store, lane, kill_grace, clock, environ), auth),
-                   reactor=clock)
+              clock: IReactorTime, environ: Mapping[str, str] = os.environ, *,
+              metrics: Metrics) -> ApiSite:
+    """clock also drives the site's own timers (header deadline, idle timeout).
+    metrics: the agent's, served on GET /metrics; the site's own refusals go to the engine."""
+    api = routes(engine, store, lane, kill_grace, clock, environ, metrics=metrics)
+    return ApiSite(Router(api, auth, refused=partial(engine.refused, "http")), reactor=clock)

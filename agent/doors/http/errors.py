@@ -5,6 +5,9 @@ from __future__ import annotations
 class ApiError(Exception):
     status = 400
     retry_after: int | None = None
+    refusal: str | None = None
+    """The word a refusal of the request is counted under (agent_refusals_total's
+    reason); None for answers that refuse nothing (404, 409, a failure of the agent's)."""
     """Seconds after which a retry may work, sent as Retry-After (HTTP clients'
     retry helpers honour it); None for errors a retry cannot fix."""
 
@@ -20,16 +23,19 @@ class BadRequest(ApiError):
     """Malformed: not JSON, not an object, a bad query parameter."""
 
     status = 400
+    refusal = "bad_request"
 
 
 class Unauthorized(ApiError):
     status = 401
+    refusal = "unauthorised"
 
 
 class Forbidden(ApiError):
     """A valid token without the scope this needs; the message names the scope."""
 
     status = 403
+    refusal = "forbidden"
 
 
 class NotFound(ApiError):
@@ -46,12 +52,14 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status = 413
+    refusal = "too_large"
 
 
 class Unprocessable(ApiError):
     """Well-formed JSON with a field of the wrong type or value; the message names the field."""
 
     status = 422
+    refusal = "bad_request"
 
 
 class TooManyTasks(ApiError):
@@ -68,6 +76,7 @@ class InsufficientStorage(ApiError):
 
 class TooManyFollowers(ApiError):
     status = 429
+    refusal = "too_many_followers"
     retry_after = 1
 
 

@@ -219,6 +219,12 @@ def document() -> dict[str, Any]:
                 "operationId": "openapi", "summary": "this document",
                 "responses": {"200": {"description": "OpenAPI 3", "content": {
                     "application/json": {"schema": {"type": "object"}}}}, **_REFUSED}}},
+            "/metrics": {"get": {
+                "operationId": "metrics",
+                "summary": "the agent's metrics in the Prometheus text format (docs/metrics.md)",
+                "responses": {"200": {"description": "the Prometheus text exposition format",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
+                              **_REFUSED}}},
             "/run": {"post": {
                 "operationId": "runTask", "summary": "run a command to completion and answer with its stdout",
                 "parameters": [_IDEMPOTENCY_KEY],

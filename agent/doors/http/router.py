@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from agent._twisted_compat import client_gone
+from agent.core.decisions import Refused
 from agent.doors.http.auth import Principal, require
 from agent.doors.http.errors import ApiError, MethodNotAllowed, NotFound
 
@@ -69,10 +70,14 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, routes: list[Route], authorize: Callable[[Any], Principal]):
+    def __init__(self, routes: list[Route], authorize: Callable[[Any], Principal],
+                 refused: Callable[[str], None] = lambda reason: None):
+        """refused(reason): told of each request the door itself refuses (a bad request,
+        no token); admission's refusals are counted by the engine, not here."""
         super().__init__()
         self.routes = routes
         self._authorize = authorize
+        self._refused = refused
 
     def render(self, request):
         request.setHeader(b"Server", b"agent")  # not Twisted's name and version
@@ -136,6 +141,8 @@ class Router(Resource):
     def _fail(self, failure: Failure, request) -> None:
         if failure.check(ApiError):
             error = failure.value
+            if error.refusal is not None and not isinstance(error.__cause__, Refused):
+                self._refused(error.refusal)
             response = Response(error.status, {"error": error.message}, error.headers)
         else:
             log.failure("{method} {path} failed", failure, method=request.method, path=request.path)

@@ -23,7 +23,7 @@ from agent.core.task import Task
 from agent.history.store import STATES, HistoryUnwritable, StillRunning, Store, TaskRecord
 from agent.doors.http.body import TaskSpec, header_key, parse_task, read_json
 from agent.doors.http.auth import Principal, require
-from agent.doors.http.errors import (BadRequest, Conflict, Forbidden, InsufficientStorage,
+from agent.doors.http.errors import (ApiError, BadRequest, Conflict, Forbidden, InsufficientStorage,
                                      NotFound, TooManyTasks,
                                      Unavailable, Unprocessable)
 from agent.doors.http.output import OutputStreamer
@@ -33,6 +33,9 @@ from agent.doors.http.router import STREAMING, Response
 log = Logger()
 
 REPLAYED = b"Idempotent-Replayed"
+
+_REFUSALS = (NotAllowed, Busy, ShuttingDown, HistoryDown, HistoryFull, KeyConflict, KeyForgotten)
+"""Admission's refusals, each answered as an HTTP error by TaskEndpoints._as_error."""
 """Set on an answer about a task an earlier request with the same key started."""
 
 DEFAULT_PAGE = 50
@@ -190,23 +193,27 @@ class TaskEndpoints:
         return decision
 
     def _refused(self, failure, spec: TaskSpec):
-        """Each refusal as its HTTP error (the router maps those to statuses)."""
-        refusal = failure.trap(NotAllowed, Busy, ShuttingDown, HistoryDown, HistoryFull,
-                               KeyConflict, KeyForgotten)
+        """Each refusal as its HTTP error (the router maps those to statuses), caused by
+        the refusal: admission counted it already, the router must not count it again."""
+        failure.trap(*_REFUSALS)
+        raise self._as_error(failure) from failure.value
+
+    def _as_error(self, failure) -> ApiError:
+        refusal = failure.check(*_REFUSALS)
         if refusal is HistoryFull:
-            raise InsufficientStorage(failure.value.message)
+            return InsufficientStorage(failure.value.message)
         if refusal is NotAllowed:
-            raise Forbidden(failure.value.message)
+            return Forbidden(failure.value.message)
         if refusal is Busy:
-            raise TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
-                               "(--max-running); wait for one to end or cancel one")
+            return TooManyTasks(f"{self._lane.limit} HTTP tasks are already running "
+                                "(--max-running); wait for one to end or cancel one")
         if refusal is ShuttingDown:
-            raise Unavailable(failure.value.message)
+            return Unavailable(failure.value.message)
         if refusal is HistoryDown:
-            raise Unavailable(_unwritable(failure.value.error))
+            return Unavailable(_unwritable(failure.value.error))
         if refusal is KeyConflict:
-            raise Unprocessable(failure.value.message)
-        raise Conflict(failure.value.message)
+            return Unprocessable(failure.value.message)
+        return Conflict(failure.value.message)
 
     # -- reading
 

@@ -12,8 +12,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from agent.core.decisions import (Attached, Busy, Decision, KeyForgotten, Refused, ShuttingDown,
-                                  Started)
+from agent.core.decisions import (Attached, Busy, Decision, KeyForgotten, QueueFull, Refused,
+                                  ShuttingDown, Started)
 from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
@@ -42,7 +42,8 @@ log = Logger()
 _LATER = object()
 """What _admitted returns for a started task: its answer is counted when it is delivered."""
 
-_WIRE_ERRORS = {Busy: BUSY_ERROR, ShuttingDown: SHUTTING_DOWN_ERROR}
+_WIRE_ERRORS = {Busy: BUSY_ERROR, QueueFull: BUSY_ERROR,
+                ShuttingDown: SHUTTING_DOWN_ERROR}
 """Refusals whose TCP error text the protocol fixes (seed A's words); the others send their message."""
 
 
@@ -98,6 +99,7 @@ class TaskLineProtocol(LineReceiver):
     def lineLengthExceeded(self, buffered: bytes):
         """Answer the over-long line with an error and go on with the next one."""
         self._send(encode_error(f"request line is longer than {self.MAX_LENGTH} bytes"))
+        self._engine.refused("tcp", "too_large")
         end = buffered.find(self.delimiter)
         if end < 0:
             self._skipping_long_line = True
@@ -116,6 +118,7 @@ class TaskLineProtocol(LineReceiver):
             request = parse_request(line.rstrip(b"\r"), self._timeout_unit)
         except BadRequest as e:
             self._send(encode_error(e.message, e.command, e.id))
+            self._engine.refused("tcp", "bad_request")
             return
         self._answering += 1
         decided = self._engine.admit(request, self._lane, StdoutCollector(), "tcp", held=True,

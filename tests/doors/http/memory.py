@@ -24,6 +24,7 @@ from twisted.web.server import Site
 from agent.core.lanes import Lane
 from agent.doors.http.api import make_site
 from agent.doors.http.auth import TokenAuth
+from agent.metrics import Metrics
 from tests.fakes import FakeHost, exit_with
 from tests.history.inline import inline_store
 from tests.webapi import TOKEN
@@ -53,11 +54,15 @@ class MemoryApi:
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.store = inline_store(data_dir, self.clock, max_log_bytes)
-        host = FakeHost(self.store, self.clock)
+        self.metrics = Metrics(live=lambda: self.engine.live.values(), health=self.store.health,
+                               process=False)
+        host = FakeHost(self.store, self.clock, observers=[self.metrics.observe],
+                        cleanup_observers=[self.metrics.observe_cleanup],
+                        refusal_observers=[self.metrics.refused])
         self.engine, self.spawn, self.kills = host.engine, host.spawn, host.kills
         self.site = make_site(self.engine, self.store, Lane(max_running),
                               TokenAuth({}).with_admin(TOKEN), kill_grace,
-                              self.clock, environ={})
+                              self.clock, environ={}, metrics=self.metrics)
         self._client = _stub_serving(self.site)
 
     # -- requests
