@@ -103,7 +103,8 @@ class Options(usage.Options):
          "pruned at start and hourly. 0 = no age limit.", float],
         ["keep-bytes", None, 4 << 30,
          "Most bytes the data dir (database and task output) may hold; past it the oldest ended "
-         "tasks are pruned at start and hourly. 0 = no size limit.", parse_size],
+         "tasks are pruned (at start, a second after tasks end, and hourly), and new HTTP tasks "
+         "get 507 while running tasks' output alone fills it. 0 = no size limit.", parse_size],
     ]
 
     optFlags = [
