@@ -44,6 +44,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agent.clients.progress import Progress
 from agent.doors.tcp.wire import BUSY_ERROR, TIMEOUT_ERROR
 from agent.tls import ClientTLS, tls_error_text
 
@@ -309,8 +310,10 @@ class Scheduler:
     """Runs one batch; `out` takes bytes (the results), `err` text (complaints)."""
 
     def __init__(self, reactor, agents: list[tuple[str, int]], out=None, err=None,
-                 tls: ClientTLS | None = None):
-        """tls: connect with TLS, verifying each agent's certificate for its host."""
+                 tls: ClientTLS | None = None, progress: Progress | None = None):
+        """tls: connect with TLS, verifying each agent's certificate for its host.
+        progress: the line a terminal shows while the batch runs (None: no line)."""
+        self._progress = progress
         self._reactor = reactor
         self._agents = agents
         self._tls = tls
@@ -344,8 +347,15 @@ class Scheduler:
         self.summary.count(result.fields)
         self._out.write(result.raw + b"\n")
         self._out.flush()
+        self._show_progress()
+
+    def _show_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.update(self.summary)
 
     def _complain(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.clear()
         self._err.write(f"agent-scheduler: {message}\n")
         self._err.flush()
 
@@ -407,6 +417,7 @@ class Scheduler:
             if result.fields.get("error") == BUSY_ERROR:
                 item.attempts += 1
                 self.summary.retried += 1
+                self._show_progress()
                 batch.give_back(item)  # an idle agent takes it now, this one waits
                 await task.deferLater(self._reactor, backoff(streak), lambda: None)
                 streak += 1
@@ -551,11 +562,13 @@ async def _run(reactor, options: Options) -> None:
     except InputError as e:
         sys.stderr.write(f"agent-scheduler: {e}\n")
         raise SystemExit(2)
-    scheduler = Scheduler(reactor, options["agents"], tls=options["tls"])
+    progress = Progress(sys.stderr, len(requests), reactor)
+    scheduler = Scheduler(reactor, options["agents"], tls=options["tls"], progress=progress)
     if options["pace"] is not None:
         await scheduler.paced(requests, options["pace"] / 1000.0)
     else:
         await scheduler.spread(requests)
+    progress.clear()
     sys.stderr.write(scheduler.summary_line() + "\n")
     if scheduler.summary.missing:
         raise SystemExit(1)
