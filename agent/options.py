@@ -50,6 +50,9 @@ class Options(usage.Options):
          int],
         ["when-busy", None, "reject",
          "Over --parallel: reject (answer 'cannot allow concurrent executions' at once) or queue (FIFO)."],
+        ["log-format", None, "text",
+         "text: twistd's log lines; json: one JSON object per line on stdout (time, level, "
+         "namespace, message, fields), for journald, Loki or Elasticsearch."],
         ["log-tasks", None, "all",
          "Which ended tasks get a log line: all, failures (anything but exit code 0) or none."],
         ["max-queue", None, 10000,
@@ -242,6 +245,8 @@ class Options(usage.Options):
         """The command line's checks, on the merged values."""
         if self["timeout-unit"] not in TIMEOUT_UNITS:
             raise usage.UsageError("--timeout-unit must be s or ms")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
         if self["protected-mode"] not in ("yes", "no"):
             raise usage.UsageError("--protected-mode must be yes or no")
         if self["parallel"] < 0:

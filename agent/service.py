@@ -13,7 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
 from agent._twisted_compat import forget_exit_signal
@@ -27,6 +27,7 @@ from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR
 from agent.history import datadir
 from agent.history.retention import Policy, Retention
 from agent.history.store import Store
+from agent.logformat import JsonLines
 from agent.memory import BurstRelease
 from agent.metrics import Metrics
 from agent.options import Options
@@ -43,10 +44,13 @@ class AgentService(MultiService):
 
     def __init__(self, engine: Engine, reactor, store: Store | None = None,
                  shutdown_grace: float = 0.0, handle_signals: bool = False,
-                 escapees: EscapeeReaper | None = None):
+                 escapees: EscapeeReaper | None = None, log_observer=None):
         """handle_signals: the agent's own process (twistd), where a second
         SIGTERM/SIGINT while stopping should cut the grace short. escapees:
-        kills what left a task's group, last when stopping (after the tasks)."""
+        kills what left a task's group, last when stopping (after the tasks).
+        log_observer: what twistd should log through (--log-format json), set on
+        the application this service joins."""
+        self._log_observer = log_observer
         super().__init__()
         self.engine = engine
         self.store = store
@@ -57,6 +61,13 @@ class AgentService(MultiService):
         self.tcp_factory = None
         self.site = None
         """The doors' factories, for whoever listens on them (tests listen on port 0)."""
+
+    def setServiceParent(self, parent):
+        """twistd uses an application's ILogObserver component, if it has one, instead
+        of its own text observer (twisted.application.app.AppLogger.start)."""
+        if self._log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._log_observer)
+        return super().setServiceParent(parent)
 
     def privilegedStartService(self):
         raise_open_file_limit()  # before the doors accept anyone or a task starts
@@ -210,7 +221,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
                     refusal_observers=[metrics.refused], allow=options.allow)
     escapees = EscapeeReaper(reactor, engine.live.keys) if own_process else None
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
-                         handle_signals=own_process, escapees=escapees)
+                         handle_signals=own_process, escapees=escapees,
+                         log_observer=JsonLines() if options["log-format"] == "json" else None)
     release.setServiceParent(agent)
     retention.setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
