@@ -16,6 +16,7 @@ from agent.history.store import Store
 from agent.metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from agent.doors.http.auth import TokenAuth
 from agent.doors.http.body import MAX_BODY, CappedContent
+from agent.doors.http.dashboard import Dashboard
 from agent.doors.http.openapi import document
 from agent.doors.http.output import OutputEndpoint
 from agent.doors.http.router import Response, Route, Router
@@ -27,8 +28,11 @@ def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float, clock: I
     tasks = TaskEndpoints(engine, store, lane, kill_grace, environ)
     output = OutputEndpoint(store, clock)
     spec = document()
+    dashboard = Dashboard()
     return [
         Route("GET", "/healthz", tasks.health, scope=None),
+        Route("GET", "/", dashboard.index, scope=None),  # the page and its files: no token
+        Route("GET", "/static/{name}", dashboard.static, scope=None),
         Route("GET", "/openapi.json", lambda request: Response(200, spec)),
         Route("POST", "/run", tasks.run, scope="run"),
         Route("POST", "/tasks", tasks.create, scope="run"),

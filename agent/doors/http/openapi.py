@@ -10,6 +10,7 @@ from typing import Any
 from agent.core.request import LIMIT_NAMES, MAX_ID
 from agent.core.outcome import REASONS
 from agent.doors.http.output import MAX_OFFSET
+from agent.doors.http.dashboard import FILES as PAGE_FILES, HEADERS as PAGE_HEADERS
 from agent.history.store import STATES
 from agent.history.table import MAX_INTEGER
 
@@ -118,6 +119,9 @@ def _error(description: str, retry_after: bool = False, headers: dict | None = N
 
 
 _STATE = {"type": "string", "enum": list(STATES)}
+
+_PAGE_HEADERS = {name.decode(): _header("always " + value.decode(), {"type": "string", "const": value.decode()}, required=True)
+                 for name, value in PAGE_HEADERS.items()}
 _REFUSED = {"401": _error("no or a wrong bearer token", headers={
                 "WWW-Authenticate": _header("Bearer realm=\"agent\", with "
                                             "error=\"invalid_token\" for a wrong token",
@@ -212,6 +216,22 @@ def document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
         "paths": {
+            "/": {"get": {
+                "operationId": "dashboard", "security": [],
+                "summary": "the operator's web page (docs/dashboard.md); needs no token, "
+                           "every call it makes sends one",
+                "responses": {"200": {"description": "the page", "headers": _PAGE_HEADERS,
+                                      "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+            "/static/{name}": {"get": {
+                "operationId": "dashboardFile", "security": [],
+                "summary": "one of the page's files; needs no token",
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": list(PAGE_FILES)}}],
+                "responses": {
+                    "200": {"description": "the file", "headers": _PAGE_HEADERS, "content": {
+                        media.split(";")[0]: {"schema": {"type": "string"}}
+                        for media in sorted({kind.decode() for kind in PAGE_FILES.values()})}},
+                    "404": _error("no such file")}}},
             "/healthz": {"get": {
                 "operationId": "health", "summary": "liveness; needs no token", "security": [],
                 "responses": {"200": {"description": "up", **_json("Health")}}}},

@@ -25,14 +25,19 @@ def test_documented_operations_are_exactly_the_routes(memory_api):
     assert _operations(SPEC) == served
 
 
-def test_only_healthz_is_documented_without_the_token(memory_api):
+OPEN = {("GET", "/healthz"), ("GET", "/"), ("GET", "/static/{name}")}
+"""What needs no token: liveness, and the operator's page and its files (docs/dashboard.md)."""
+
+
+def test_only_healthz_and_the_page_are_documented_without_the_token(memory_api):
     open_routes = {(r.method, r.pattern) for r in memory_api.site.resource.routes
                    if not r.auth}
-    assert open_routes == {("GET", "/healthz")}
-    assert SPEC["paths"]["/healthz"]["get"]["security"] == []
+    assert open_routes == OPEN
+    for method, path in OPEN:
+        assert SPEC["paths"][path][method.lower()]["security"] == []
     assert all("security" not in item.get(method, {})
-               for path, item in SPEC["paths"].items() if path != "/healthz"
-               for method in item if method != "parameters")
+               for path, item in SPEC["paths"].items()
+               for method in item if method != "parameters" and (method.upper(), path) not in OPEN)
 
 
 def test_every_documented_operation_refuses_a_missing_wrong_or_non_bearer_token(memory_api):
@@ -43,7 +48,7 @@ def test_every_documented_operation_refuses_a_missing_wrong_or_non_bearer_token(
     refusals = {"none": {}, "wrong": {"Authorization": f"Bearer {TOKEN}x"},
                 "basic": {"Authorization": f"Basic {TOKEN}"},
                 "empty": {"Authorization": "Bearer "}}
-    guarded = sorted(_operations(SPEC) - {("GET", "/healthz")})
+    guarded = sorted(_operations(SPEC) - OPEN)
     assert len(guarded) >= 8
     for method, path in guarded:
         for task in (ended, running):
@@ -87,7 +92,7 @@ def test_each_documented_operation_answers_with_a_documented_status(memory_api):
     memory_api.finish(finished["id"])
     for method, path in sorted(_operations(SPEC)):
         running = memory_api.start("sleep", "30")
-        concrete = path.replace("{id}", running["id"])
+        concrete = path.replace("{id}", running["id"]).replace("{name}", "app.js")
         body = {"command": "true"} if method == "POST" else None
         sent = memory_api.send(method, concrete, body)
         memory_api.exit_all()  # what a cancel waits for, and what /run waits for
