@@ -1,8 +1,10 @@
 """The operator's page (GET /) in a real headless Chromium against a real agent.
 
 Sign in, launch a task that prints slowly, watch its lines appear, cancel it, see
-it cancelled in the list, purge it; a wrong token is refused. The screenshots
-land in docs/images/ (docs/dashboard.md shows them).
+it cancelled in the list, purge it; a wrong token is refused. Every run saves its
+screenshots in a temporary directory (named in the test's output); with
+AGENT_SCREENSHOTS=docs/images they replace the ones docs/dashboard.md shows, so a
+plain `make test` leaves the checkout as it was.
 
 Needs Debian's chromium and chromium-driver and selenium; without the browser the
 test skips, except under CI (CI set), where .ci/run installs it and it never skips.
@@ -14,12 +16,14 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import REPO
 
-IMAGES = REPO / "docs" / "images"
+IMAGES = (REPO / os.environ["AGENT_SCREENSHOTS"] if os.environ.get("AGENT_SCREENSHOTS")
+          else Path(tempfile.mkdtemp(prefix="agent-screenshots-")))
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -70,7 +74,9 @@ def _visible(driver, element_id):
 
 def _shot(driver, name):
     IMAGES.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(IMAGES / f"dashboard-{name}.png"))
+    path = IMAGES / f"dashboard-{name}.png"
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
 
 
 def _sign_in(driver, token):
