@@ -139,6 +139,11 @@ def command_json(command) -> str:
     return json.dumps(list(command))
 
 
+def command_text(text: str) -> str:
+    """text as it stands inside a record's command JSON (escaped the same way), to search for."""
+    return json.dumps(text)[1:-1]
+
+
 def kept_command(command) -> tuple[str, int, str | None]:
     """(the JSON a record keeps, the bytes cut, the whole JSON's SHA-256 if any were cut).
 

@@ -26,8 +26,8 @@ from agent.history.keyindex import KeyIndex
 from agent.history.lock import DataDirInUse
 from agent.history.prune import StillRunning
 from agent.history.records import (
-    STATES, TASK_ID, Identify, Live, Page, TaskRecord, kept_bytes, record_of, row_of, state_of,
-    with_cleanup, with_sizes)
+    STATES, TASK_ID, Identify, Live, Page, TaskRecord, command_json, command_text, kept_bytes,
+    record_of, row_of, state_of, with_cleanup, with_sizes)
 from agent.history.recovery import EndLeftBehind, recover
 from agent.history.spool import StreamReader, TaskOutput
 from agent.history.sweep import leave_clean_stop_mark, sweep_orphan_output, take_clean_stop_mark
@@ -195,15 +195,20 @@ class Store:
         d.addCallback(lambda record: record and self._fresh(record))
         return d
 
-    def list(self, state: str | None = None, limit: int = 100,
-             cursor: str | None = None) -> Deferred[Page]:
-        """Newest first; cursor is a Page.next from the page before (ValueError if it is not).
+    def list(self, state: str | None = None, limit: int = 100, cursor: str | None = None,
+             source: str | None = None, contains: str | None = None) -> Deferred[Page]:
+        """Newest first; cursor is a Page.next from the page before (ValueError if it is not);
+        source (tcp, http) and contains (text of the command) narrow it.
 
         While writing fails, rows waiting in memory replace their stale versions, and
         tasks newer than any on disk lead the first page."""
         before = table.parse_cursor(cursor)
-        d = self._database.run(table.select_page, state, limit, before)
-        d.addCallback(self._with_waiting, state, limit, before is None)
+        d = self._database.run(table.select_page, state, limit, before, table.PAGE_BYTES, source,
+                               contains)
+        wanted = (lambda r: (state is None or r.state == state)
+                  and (source is None or r.source == source)
+                  and (not contains or command_text(contains) in command_json(r.command)))
+        d.addCallback(self._with_waiting, wanted, limit, before is None)
         return d
 
     def health(self) -> dict:
@@ -222,14 +227,13 @@ class Store:
             record = record_of(row)
         return record and self._fresh(record)
 
-    def _with_waiting(self, page: Page, state: str | None, limit: int, first: bool) -> Page:
+    def _with_waiting(self, page: Page, wanted, limit: int, first: bool) -> Page:
         waiting = {row[0]: record_of(row) for row in self._database.waiting_rows()}
         records = [waiting.pop(r.id, r) for r in page.records]
-        records = [r for r in records if state is None or r.state == state]
+        records = [r for r in records if wanted(r)]
         if first and waiting:
             newest = max((r.created_at for r in page.records), default=float("-inf"))
-            newer = sorted((r for r in waiting.values() if r.created_at > newest
-                            and (state is None or r.state == state)),
+            newer = sorted((r for r in waiting.values() if r.created_at > newest and wanted(r)),
                            key=lambda r: r.created_at, reverse=True)
             records = (newer + records)[:limit]
         return Page([self._fresh(r) for r in records], page.next)

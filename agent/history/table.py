@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from agent.history.records import COLUMNS, ENDED, Page, TaskRecord, from_row
+from agent.history.records import COLUMNS, ENDED, Page, TaskRecord, command_text, from_row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -84,13 +84,21 @@ _RECORD_OVERHEAD = 700
 
 
 def select_page(connection: sqlite3.Connection, state: str | None, limit: int,
-                before: int | None, max_bytes: int = PAGE_BYTES) -> Page:
+                before: int | None, max_bytes: int = PAGE_BYTES, source: str | None = None,
+                contains: str | None = None) -> Page:
     """Newest first, up to limit (and about max_bytes, but at least one record), before the
-    cursor's seq; state None for every state."""
+    cursor's seq; state and source None for any; contains: text the command holds (as the
+    record keeps it: a word of one argument, say)."""
     where, args = [], []
     if state is not None:
         where.append("state = ?")
         args.append(state)
+    if source is not None:
+        where.append("source = ?")
+        args.append(source)
+    if contains:
+        where.append("instr(command, ?) > 0")
+        args.append(command_text(contains))
     if before is not None:
         where.append("seq < ?")
         args.append(before)

@@ -295,7 +295,15 @@ def document() -> dict[str, Any]:
                                     "default": 50}},
                         {"name": "cursor", "in": "query",
                          "description": "a page's next, as it was sent",
-                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}}],
+                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INTEGER}},
+                        {"name": "source", "in": "query",
+                         "description": "only the tasks one door started",
+                         "schema": {"type": "string", "enum": ["tcp", "http", "any"],
+                                    "default": "any"}},
+                        {"name": "q", "in": "query",
+                         "description": "only tasks whose command holds this text (within an "
+                                        "argument, as the record keeps it)",
+                         "schema": {"type": "string", "maxLength": 200}}],
                     "responses": {"200": {"description": "one page", **_json("TaskPage")},
                                   "400": _error("a bad parameter"), **_REFUSED}}},
             "/tasks/{id}": {

@@ -38,6 +38,11 @@ _REFUSALS = (NotAllowed, Busy, ShuttingDown, HistoryDown, HistoryFull, KeyConfli
 """Admission's refusals, each answered as an HTTP error by TaskEndpoints._as_error."""
 """Set on an answer about a task an earlier request with the same key started."""
 
+SOURCES = ("tcp", "http")
+"""The doors a record's source names (?source= filters by it)."""
+MAX_SEARCH = 200
+"""Longest ?q= (text the command holds)."""
+
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
 
@@ -222,8 +227,13 @@ class TaskEndpoints:
         if state is not None and state not in STATES:
             raise BadRequest(f"state must be one of {', '.join(STATES)}, not {state!r}")
         limit = int_arg(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        source = choice_arg(request, "source", SOURCES + ("any",), "any")
+        contains = arg(request, "q")
+        if contains is not None and len(contains) > MAX_SEARCH:
+            raise BadRequest(f"q must be at most {MAX_SEARCH} characters, not {len(contains)}")
         try:
-            page = self._store.list(state, limit, arg(request, "cursor"))
+            page = self._store.list(state, limit, arg(request, "cursor"),
+                                    None if source == "any" else source, contains or None)
         except ValueError as e:
             raise BadRequest(f"cursor: {e}") from None
         page.addCallback(lambda p: Response(200, {"tasks": [task_json(r) for r in p.records],

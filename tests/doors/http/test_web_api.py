@@ -197,3 +197,17 @@ async def test_a_huge_argv_is_cut_in_the_record_and_its_retry_still_replays(api)
     finally:
         await port.stopListening()
     assert again["replayed"] is True and again["output"] == big, "the whole output, not a conflict"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_history_filters_by_door_and_by_text_of_the_command(api):
+    first = await api.start("echo", "needle-42")
+    await api.start("echo", "haystack")
+    tcp = await _tcp_task(api, b'{"command": ["echo", "needle-42 by tcp"]}\n')
+    await api.wait_for_state(first["id"], "succeeded")
+    found = await api.json("GET", "/tasks?q=needle-42")
+    assert {t["id"] for t in found["tasks"]} == {first["id"], tcp["id"]}
+    by_door = await api.json("GET", "/tasks?source=tcp&q=needle")
+    assert [t["id"] for t in by_door["tasks"]] == [tcp["id"]]
+    await api.json("GET", "/tasks?source=ftp", expect=400)
+    await api.json("GET", "/tasks?q=" + "x" * 201, expect=400)

@@ -104,8 +104,12 @@ function seconds(ms) {
 async function loadList() {
   const query = new URLSearchParams({limit: "50"});
   const state = $("filter-state").value;
+  const source = $("filter-source").value;
+  const words = $("filter-command").value.trim();
   const cursor = cursors[cursors.length - 1];
   if (state) query.set("state", state);
+  if (source) query.set("source", source);
+  if (words) query.set("q", words.slice(0, 200));
   if (cursor) query.set("cursor", cursor);
   try {
     const page = await api("GET", "/tasks?" + query);
@@ -120,14 +124,10 @@ async function loadList() {
 }
 
 function drawList() {
-  const source = $("filter-source").value;
-  const words = $("filter-command").value.trim().toLowerCase();
   const body = $("tasks").tBodies[0];
   const rows = [];
   for (const task of tasks) {
     const command = task.command.join(" ");
-    if (source && task.source !== source) continue;
-    if (words && !command.toLowerCase().includes(words)) continue;
     const row = el("tr", null, "task");
     row.dataset.id = task.id;
     row.append(el("td", when(task.created_at)), el("td", command, "command"),
@@ -348,8 +348,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("sign-out").addEventListener("click", () => signOut("Signed out."));
   $("filters").addEventListener("submit", (event) => event.preventDefault());
   $("filter-state").addEventListener("change", () => { cursors = [null]; loadList(); });
-  $("filter-source").addEventListener("change", drawList);
-  $("filter-command").addEventListener("input", drawList);
+  $("filter-source").addEventListener("change", () => { cursors = [null]; loadList(); });
+  let typing = null;  // search the whole history once the typing pauses
+  $("filter-command").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { cursors = [null]; loadList(); }, 300);
+  });
   $("first-page").addEventListener("click", () => page("first"));
   $("prev-page").addEventListener("click", () => page("prev"));
   $("next-page").addEventListener("click", () => page("next"));
