@@ -108,6 +108,15 @@ class AgentProcess:
     def survivors(self, timeout: float = 5.0) -> list[int]:
         return wait_until_empty(session_members, self.proc.pid, timeout)
 
+    def finish(self) -> None:
+        """A test's teardown: stop the agent if it still runs, and prove nothing outlived it."""
+        if self.proc.poll() is None:
+            self.stop()
+        leftovers = self.survivors()
+        if leftovers:
+            self.kill_everything()
+        assert not leftovers, f"processes outlived the agent: {leftovers}"
+
 
 def _as_from_a_shell(nofile: int | None, one_cpu: bool = False):
     """As from a terminal: a background CI job would hand the agent SIGINT ignored.
@@ -166,9 +175,4 @@ def start_agent(tmp_path):
 
     yield start
     for agent in agents:
-        if agent.proc.poll() is None:
-            agent.stop()
-        leftovers = agent.survivors()
-        if leftovers:
-            agent.kill_everything()
-        assert not leftovers, f"processes outlived the agent: {leftovers}"
+        agent.finish()

@@ -42,12 +42,7 @@ def agent(tmp_path_factory):
     agent.url = f"http://127.0.0.1:{agent.ports['HTTP API']}"
     agent.token_file = home / "data" / "token"
     yield agent
-    if agent.proc.poll() is None:
-        agent.stop()
-    leftovers = agent.survivors()
-    if leftovers:
-        agent.kill_everything()
-    assert not leftovers, f"processes outlived the agent: {leftovers}"
+    agent.finish()
 
 
 def ctl_env(agent, url=None, token_file=None) -> dict[str, str]:
