@@ -20,6 +20,7 @@ import os
 
 import _signal  # the C half of signal: getsignal without the enum wrapping
 from twisted.internet import process as _process
+from twisted.internet import tcp as _tcp
 
 PROCESS_HOOKS: dict[str, tuple[str, ...]] = {
     "_trySpawnInsteadOfFork": ("path", "uid", "gid", "executable", "args", "environment",
@@ -108,3 +109,20 @@ def forget_exit_signal(reactor) -> None:
     """
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None
+
+
+def socket_idle(transport) -> bool:
+    """Whether transport is a plain socket connection (twisted.internet.tcp.Connection:
+    TCP or Unix, not TLS) that holds nothing unsent and may still be written to, so
+    bytes sent straight on its socket cannot overtake bytes it has buffered.
+
+    Reads FileDescriptor.dataBuffer, .offset and ._tempDataLen (what write() has
+    buffered and doWrite not yet sent) and ._writeDisconnecting/._writeDisconnected
+    (a half-close asked for or done). No public alternative: write() always
+    buffers until the reactor's next turn, and a transport does not say whether
+    it holds anything.
+    """
+    return (isinstance(transport, _tcp.Connection) and transport.connected
+            and not transport.disconnecting and not transport._writeDisconnecting
+            and not transport._writeDisconnected and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer))
