@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -45,7 +45,6 @@ class StdoutCollector:
     def __init__(self):
         self.chunks: list[bytes] = []
         self.sizes = {1: 0, 2: 0}
-        self._readers = 1
 
     def received(self, fd: int, data: bytes) -> None:
         self.sizes[fd] = self.sizes.get(fd, 0) + len(data)
@@ -55,23 +54,6 @@ class StdoutCollector:
     def text(self) -> str:
         """stdout decoded as UTF-8, invalid bytes replaced, so JSON stays valid."""
         return b"".join(self.chunks).decode("utf-8", "replace")
-
-    def share(self) -> None:
-        """One more reader of the same output (a retry of the same id) will drain it."""
-        self._readers += 1
-
-    def drain(self) -> Iterator[bytes]:
-        """stdout chunk by chunk; the last reader forgets each chunk as it is handed
-        out, so a large output's memory is given back while its result is being sent."""
-        if self._readers > 1:
-            self._readers -= 1
-            return iter(list(self.chunks))
-        return self._drain()
-
-    def _drain(self) -> Iterator[bytes]:
-        self.chunks.reverse()
-        while self.chunks:
-            yield self.chunks.pop()
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -314,17 +314,6 @@ async def test_a_pipe_is_grown_only_once_its_writer_fills_it():
     assert sizes == {"quiet": DEFAULT_PIPE_SIZE, "loud": PIPE_SIZE}
 
 
-def test_a_shared_collector_gives_every_reader_all_chunks_and_the_last_frees_them():
-    collector = StdoutCollector()
-    for chunk in (b"a", b"b", b"c"):
-        collector.received(1, chunk)
-    collector.share()
-    first, last = collector.drain(), collector.drain()
-    assert b"".join(last) == b"abc"
-    assert b"".join(first) == b"abc"
-    assert collector.chunks == []
-
-
 def test_a_group_left_only_with_the_agents_zombies_is_empty_once_they_are_reaped():
     """As a child subreaper the agent is the parent of what a task leaves in its
     group; a zombie is still a member until reaped, so the check reaps it."""
