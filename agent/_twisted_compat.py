@@ -58,6 +58,24 @@ def twisted_reaps(pid: int) -> bool:
     return pid in _process.reapProcessHandlers
 
 
+SIGCHLD_HOOK = "agent.runner.child"
+"""The key of the agent's handler among Twisted's reap handlers: no pid, so never a child's."""
+
+
+def hook_sigchld(handler) -> None:
+    """Have Twisted's SIGCHLD handling call handler.reapProcess() on every SIGCHLD.
+
+    Twisted's reactor answers SIGCHLD by calling reapProcess() on each value of
+    twisted.internet.process.reapProcessHandlers (reapAllProcesses), a dict it
+    keys by pid for the Processes it started; the handler goes in under
+    SIGCHLD_HOOK, which is no pid, so nothing Twisted does for a pid touches it.
+    agent.runner.child reaps its children there. No public alternative: the
+    reactor's SIGCHLD handling reaps only for spawnProcess, and installing a
+    second SIGCHLD handler would replace the reactor's.
+    """
+    _process.reapProcessHandlers.setdefault(SIGCHLD_HOOK, handler)
+
+
 def ignored_signals(nsig: int) -> list[int]:
     """Signal numbers below nsig whose disposition in the agent is SIG_IGN.
 

@@ -122,6 +122,27 @@ class _Accepted:
         pass
 
 
+# --- process.reapProcessHandlers as SIGCHLD's hook ----------------------------------------
+
+def test_a_handler_hooked_on_sigchld_is_asked_to_reap_on_each_sigchld():
+    calls = []
+    handler = SimpleNamespace(reapProcess=lambda: calls.append("reap"))
+    saved = dict(process.reapProcessHandlers)
+    try:
+        process.reapProcessHandlers.pop(compat.SIGCHLD_HOOK, None)
+        compat.hook_sigchld(handler)
+        compat.hook_sigchld(SimpleNamespace(reapProcess=lambda: calls.append("second")))
+        process.reapAllProcesses()  # what the reactor calls on SIGCHLD
+        assert calls == ["reap"], changed(TWISTED, "reapAllProcesses (no longer asks every "
+                                                   "value of reapProcessHandlers)")
+        assert "process.reapAllProcesses()" in inspect.getsource(
+            importlib.import_module("twisted.internet._signals")), \
+            changed(TWISTED, "the reactor's SIGCHLD handling (no longer calls reapAllProcesses)")
+    finally:
+        process.reapProcessHandlers.clear()
+        process.reapProcessHandlers.update(saved)
+
+
 # --- _signal.getsignal -----------------------------------------------------------------------
 
 def test_the_c_getsignal_answers_what_signal_getsignal_does():

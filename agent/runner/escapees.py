@@ -26,8 +26,8 @@ from typing import Callable, Collection
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from agent._twisted_compat import twisted_reaps
 from agent.runner import procinfo
+from agent.runner.child import is_task_child
 
 log = Logger()
 
@@ -73,8 +73,8 @@ def descendants_of(pid: int) -> list[int]:
 
 
 def is_task_process(pid: int) -> bool:
-    """A process the agent started through Twisted (a task), which Twisted reaps."""
-    return twisted_reaps(pid)
+    """A process the agent started as a task, which the runner (or Twisted) reaps."""
+    return is_task_child(pid)
 
 
 def _reap(pid: int) -> None:

@@ -16,8 +16,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from agent._twisted_compat import twisted_reaps
 from agent.core.outcome import Ending, Outcome, signal_name
+from agent.runner.child import is_task_child
 from agent.runner.spawn import spawn_in_group
 
 DRAIN_GRACE = 0.5
@@ -69,14 +69,14 @@ def _reap_leftovers(pgid: int) -> None:
     The agent is a child subreaper (agent.runner.escapees), so what a task leaves in
     its group when its leader exits becomes the agent's child, and a zombie
     still counts as a member of the group until its parent reaps it. The
-    leader itself is Twisted's to reap: on meeting it, stop.
+    leader itself is the runner's to reap: on meeting it, stop.
     """
     while True:
         try:
             found = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return  # none of the group's members is the agent's child
-        if found is None or twisted_reaps(found.si_pid):
+        if found is None or is_task_child(found.si_pid):
             return
         try:
             os.waitpid(found.si_pid, os.WNOHANG)

@@ -299,7 +299,7 @@ async def test_a_pipe_is_grown_only_once_its_writer_fills_it():
 
     from twisted.internet import reactor
 
-    from agent.runner.spawn import DEFAULT_PIPE_SIZE, PIPE_SIZE
+    from agent.runner.child import DEFAULT_PIPE_SIZE, PIPE_SIZE
 
     sizes = {}
     for label, write in (("quiet", "print('x')"), ("loud", "sys.stdout.write('x' * (1 << 20))")):
