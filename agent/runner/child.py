@@ -23,10 +23,13 @@ import os
 from typing import Mapping, Sequence
 
 from twisted.internet import error
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from agent._twisted_compat import hook_sigchld, twisted_reaps
+from agent.runner import cspawn
+from agent.runner.spawner import BUSY, Spawner, is_unknown_child, spawner_for
 
 READ_CHUNK = 1 << 20
 """Bytes taken from a pipe per read; Twisted's stock reader takes 8 KiB."""
@@ -51,7 +54,7 @@ _watched: dict[int, "SpawnedChild"] = {}
 def is_task_child(pid: int) -> bool:
     """A task the agent started (a child it reaps itself or Twisted reaps), as opposed
     to something that left a task's group and was re-parented to the agent."""
-    return pid in _watched or twisted_reaps(pid)
+    return pid in _watched or is_unknown_child(pid) or twisted_reaps(pid)
 
 
 def grow_pipe(fd: int) -> None:
@@ -141,19 +144,63 @@ _SWEEP = _ExitSweep()
 class SpawnedChild:
     """The transport of one task whose child posix_spawn started (see module)."""
 
-    def __init__(self, reactor, protocol, pid: int, read_fds: Mapping[int, int]):
-        """read_fds: the child's descriptor -> the parent's read end of its pipe
-        (non-blocking, close-on-exec); the child's ends are already closed here."""
+    def __init__(self, reactor, protocol):
         self._reactor = reactor
-        self.pid = pid
+        self.pid: int | None = None
+        """None while the child is being started (agent.runner.spawner)."""
         self.status: int | None = None
         self.proto = protocol
-        self.pipes = {child_fd: _Pipe(self, child_fd, fd) for child_fd, fd in read_fds.items()}
+        self.pipes: dict[int, _Pipe] = {}
+        self._write_fds: list[int] = []
+
+    def make_pipes(self, child_fds: Mapping[int, object]) -> dict[int, int]:
+        """A pipe for each child descriptor marked "r"; the child's fd map (child fd ->
+        the agent's fd to give it). The agent's read ends are non-blocking."""
+        fd_map: dict[int, int] = {}
+        try:
+            for child_fd, target in child_fds.items():
+                if target == "r":
+                    read_end, write_end = os.pipe()
+                    self.pipes[child_fd] = _Pipe(self, child_fd, read_end)
+                    self._write_fds.append(write_end)
+                    fd_map[child_fd] = write_end
+                    fcntl.fcntl(read_end, fcntl.F_SETFL, os.O_NONBLOCK)  # a read end's only flag
+                else:
+                    fd_map[child_fd] = target
+        except BaseException:
+            self.drop_pipes()
+            raise
+        return fd_map
+
+    def started(self, pid: int) -> None:
+        """The child runs: read its output, watch for its exit, tell the protocol."""
+        self._close_write_ends()
+        self.pid = pid
         for pipe in self.pipes.values():
-            reactor.addReader(pipe)
-        protocol.makeConnection(self)
+            self._reactor.addReader(pipe)
         _watched[pid] = self
         hook_sigchld(_SWEEP)
+        self.proto.makeConnection(self)
+        if not self.pipes:
+            self.reapProcess()  # no EOF will come: it may have exited already
+
+    def not_started(self, error: BaseException) -> None:
+        """The spawn failed on the spawn thread: let go of the pipes, tell the protocol."""
+        self.drop_pipes()
+        proto, self.proto = self.proto, None
+        proto.start_failed(error)
+
+    def drop_pipes(self) -> None:
+        """Close both ends of every pipe made for a child that was never started."""
+        self._close_write_ends()
+        pipes, self.pipes = self.pipes, {}
+        for pipe in pipes.values():
+            os.close(pipe.fd)
+
+    def _close_write_ends(self) -> None:
+        fds, self._write_fds = self._write_fds, []
+        for fd in fds:
+            os.close(fd)
 
     # -- the exit
 
@@ -209,30 +256,79 @@ class SpawnedChild:
 
 
 def spawn_child(reactor, protocol, executable: str, argv: Sequence[str], environment,
-                child_fds: Mapping[int, object], spawn) -> SpawnedChild:
+                child_fds: Mapping[int, object], spawn, reset_signals: Sequence[int]) -> SpawnedChild:
     """Start a child as its own process group's leader, with a pipe for each child
-    descriptor marked "r" and the others mapped as given; raise OSError if it cannot start.
+    descriptor marked "r" and the others mapped as given; raise OSError if it cannot
+    start inline (ValueError if exec could not take its arguments).
 
-    spawn(executable, argv, environment, fd_map) starts it (posix_spawnp with a new
-    group, see agent.runner.spawn) and returns its pid.
+    spawn(executable, argv, environment, fd_map, reset_signals) starts it inline
+    (posix_spawnp with a new group, see agent.runner.spawn) and returns its pid.
+    When the agent is busy and ctypes can make the call, the spawn thread makes it
+    instead (agent.runner.spawner): the protocol is told through awaiting_spawn,
+    then makeConnection or start_failed.
     """
-    fd_map: dict[int, int] = {}
-    ours: dict[int, int] = {}
+    child = SpawnedChild(reactor, protocol)
+    spawner = _busy_spawner(reactor)
+    if spawner is not None:
+        job = _ThreadStart(child, executable, argv, environment, child_fds, reset_signals)
+        protocol.awaiting_spawn(job)
+        spawner.submit(job)
+        return child
+    fd_map = child.make_pipes(child_fds)
     try:
-        for child_fd, target in child_fds.items():
-            if target == "r":
-                read_end, write_end = os.pipe()
-                ours[child_fd] = read_end
-                fd_map[child_fd] = write_end
-            else:
-                fd_map[child_fd] = target
-        pid = spawn(executable, argv, environment, fd_map)
+        pid = spawn(executable, argv, environment, fd_map, reset_signals)
     except BaseException:
-        for child_fd, read_end in ours.items():
-            os.close(read_end)
-            os.close(fd_map[child_fd])
+        child.drop_pipes()
         raise
-    for child_fd, read_end in ours.items():
-        os.close(fd_map[child_fd])
-        fcntl.fcntl(read_end, fcntl.F_SETFL, os.O_NONBLOCK)  # a read end's only status flag
-    return SpawnedChild(reactor, protocol, pid, ours)
+    child.started(pid)
+    return child
+
+
+class _ThreadStart:
+    """A child to be started on the spawn thread: its pipes are made only when the thread
+    is about to take it, so a thousand waiting starts hold no descriptor."""
+
+    __slots__ = ("child", "executable", "argv", "environment", "child_fds", "reset_signals",
+                 "handed", "dropped")
+
+    def __init__(self, child: SpawnedChild, executable, argv, environment, child_fds,
+                 reset_signals):
+        self.child, self.executable, self.argv = child, executable, argv
+        self.environment, self.child_fds, self.reset_signals = environment, child_fds, reset_signals
+        self.handed = self.dropped = False
+
+    def prepare(self) -> cspawn.Prepared:
+        """The pipes and the C arguments, as the thread is about to take it (on the reactor)."""
+        self.handed = True
+        fd_map = self.child.make_pipes(self.child_fds)
+        try:
+            return cspawn.prepare(self.executable, self.argv, self.environment, fd_map,
+                                  self.reset_signals)
+        except BaseException:
+            self.child.drop_pipes()
+            raise
+
+    def spawned(self, pid: int | None, error: BaseException | None) -> None:
+        """The spawn thread's answer, on the reactor."""
+        if pid is None:
+            self.child.not_started(error)
+        else:
+            self.child.started(pid)
+
+    def drop(self) -> bool:
+        """Start nothing after all, if the thread has not taken it yet; True if so."""
+        if self.handed or self.dropped:
+            return False
+        self.dropped = True
+        self.child.proto = None
+        return True
+
+
+def _busy_spawner(reactor) -> Spawner | None:
+    """The spawn thread, when it can take the spawn and the agent is busy enough to gain."""
+    if not cspawn.available or not IReactorThreads.providedBy(reactor):
+        return None
+    spawner = spawner_for(reactor)
+    if spawner.queued or len(_watched) >= BUSY:  # never inline beside the thread's spawns
+        return spawner
+    return None

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from agent.runner import procinfo
 from agent.runner.child import is_task_child
+from agent.runner.spawner import may_reap_strangers
 
 log = Logger()
 
@@ -78,6 +79,10 @@ def is_task_process(pid: int) -> bool:
 
 
 def _reap(pid: int) -> None:
+    """Reap a zombie that is no task; not while the spawn thread may have started a
+    child the runner does not know yet (agent.runner.spawner): the next look will."""
+    if not may_reap_strangers():
+        return
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

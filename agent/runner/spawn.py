@@ -132,12 +132,13 @@ class GroupProcess(process.Process):
 
 
 def posix_spawn_group(executable: str, argv: Sequence[str], environment,
-                      fd_map: Mapping[int, int]) -> int:
+                      fd_map: Mapping[int, int], reset_signals: Sequence[int]) -> int:
     """posix_spawnp as a new process group's leader with fd_map (child fd -> parent fd,
     every parent fd above 2) dup2'ed; the pid, or OSError if it cannot start.
 
-    Signals the agent ignores are reset (Python ignores SIGPIPE; a task must not),
-    and the child gets the open-file limit the agent started with (agent.runner.fdlimit).
+    reset_signals: those the agent ignores, reset to their default (Python ignores
+    SIGPIPE; a task must not). The child gets the open-file limit the agent started
+    with (agent.runner.fdlimit).
     """
     with fdlimit.original_limit_held(max(fd_map.values(), default=2)) as inherited:
         pid = os.posix_spawnp(
@@ -145,24 +146,12 @@ def posix_spawn_group(executable: str, argv: Sequence[str], environment,
             argv,
             environment,
             file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fd_map.items()],
-            setsigdef=ignored_signals(signal.NSIG),
+            setsigdef=reset_signals,
             setpgroup=0,
         )
     if not inherited:
-        _give_back_open_file_limit(pid)
+        fdlimit.give_back(pid)
     return pid
-
-
-def _give_back_open_file_limit(pid: int) -> None:
-    """Set the child's open-file limit from outside, at once, when the agent holds
-    too many descriptors to lower its own around the spawn: the program has only
-    just started, but it may have read its limit (or forked) already."""
-    original = fdlimit.children_limit()
-    if original is not None:
-        try:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
-        except OSError:
-            pass  # already gone: nothing left to limit
 
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
@@ -181,7 +170,7 @@ def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str
     rlimits = resolve_limits(limits)
     if cwd is None and not rlimits and _spawnable(child_fds):
         return spawn_child(reactor, protocol, executable or argv[0], list(argv), environment,
-                           child_fds, posix_spawn_group)
+                           child_fds, posix_spawn_group, ignored_signals(signal.NSIG))
     return GroupProcess(reactor, executable or argv[0], list(argv), environment, cwd, protocol,
                         childFDs=child_fds, rlimits=rlimits)
 

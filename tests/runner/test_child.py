@@ -16,6 +16,9 @@ from agent.runner.child import SpawnedChild, _ExitSweep, is_task_child, spawn_ch
 from agent.runner.spawn import posix_spawn_group
 from tests.procs import group_members, wait_until_empty
 
+RESET = [signal.SIGPIPE]
+"""Signals a child gets back at their default (the agent ignores SIGPIPE)."""
+
 
 class Recorder(ProcessProtocol):
     """Every callback, in order; `ended` fires with the processEnded reason."""
@@ -49,12 +52,8 @@ def _spawn(argv, child_fds=None):
     from twisted.internet import reactor
     protocol = Recorder()
     child = spawn_child(reactor, protocol, argv[0], argv, dict(os.environb),
-                        child_fds or {1: "r", 2: "r"}, _inline)
+                        child_fds or {1: "r", 2: "r"}, posix_spawn_group, RESET)
     return child, protocol
-
-
-def _inline(executable, argv, environment, fd_map):
-    return posix_spawn_group(executable, argv, environment, fd_map)
 
 
 def _open_fds() -> set[int]:
@@ -120,7 +119,7 @@ def test_a_child_that_cannot_start_leaves_no_descriptor_behind():
     protocol = Recorder()
     try:
         spawn_child(None, protocol, "/nonexistent/prog", ["/nonexistent/prog"], {},
-                    {1: "r", 2: "r"}, _inline)
+                    {1: "r", 2: "r"}, posix_spawn_group, RESET)
     except FileNotFoundError:
         pass
     else:
@@ -131,9 +130,9 @@ def test_a_child_that_cannot_start_leaves_no_descriptor_behind():
 def test_the_sweep_reaps_exited_children_without_asking_each():
     """One waitid finds who exited; the others, still running, are not asked."""
     reactor = _Reactor()
-    quick = SpawnedChild(reactor, Recorder(), *_started(["true"]))
+    quick = _started(reactor, ["true"])
     asked = []
-    slow = SpawnedChild(reactor, Recorder(), *_started(["sleep", "30"]))
+    slow = _started(reactor, ["sleep", "30"])
     slow.reapProcess = lambda: asked.append(slow.pid)
     try:
         _wait_until(lambda: _is_zombie_or_gone(quick.pid))
@@ -151,7 +150,7 @@ def test_the_sweep_reaps_exited_children_without_asking_each():
 def test_a_strangers_zombie_first_in_line_makes_the_sweep_ask_each_of_ours():
     stranger = os.posix_spawnp("true", ["true"], os.environ)  # a child that is not a task
     _wait_until(lambda: _is_zombie_or_gone(stranger))
-    ours = SpawnedChild(_Reactor(), Recorder(), *_started(["true"]))
+    ours = _started(_Reactor(), ["true"])
     try:
         _wait_until(lambda: _is_zombie_or_gone(ours.pid))
         _ExitSweep().reapProcess()
@@ -176,12 +175,12 @@ class _Reactor:
         self.readers.discard(reader)
 
 
-def _started(argv) -> tuple[int, dict[int, int]]:
-    """(pid, read ends) of a child spawned with its stdout on a pipe."""
-    read_end, write_end = os.pipe()
-    pid = posix_spawn_group(argv[0], argv, os.environ, {1: write_end})
-    os.close(write_end)
-    return pid, {1: read_end}
+def _started(reactor, argv) -> SpawnedChild:
+    """A child with its stdout on a pipe, started."""
+    child = SpawnedChild(reactor, Recorder())
+    fd_map = child.make_pipes({1: "r"})
+    child.started(posix_spawn_group(argv[0], argv, os.environ, fd_map, RESET))
+    return child
 
 
 def _wait_until(check, timeout: float = 10.0) -> None:
