@@ -80,8 +80,12 @@ def is_task_process(pid: int) -> bool:
 
 def _reap(pid: int) -> None:
     """Reap a zombie that is no task; not while the spawn thread may have started a
-    child the runner does not know yet (agent.runner.spawner): the next look will."""
-    if not may_reap_strangers():
+    child the runner does not know yet (agent.runner.spawner): the next look will.
+
+    Asked again here, and in this order: the sweep decided pid was no task before
+    reading /proc (which lets the spawn thread run), and a child that thread has
+    just started is among the unknown ones before it stops `spawning`."""
+    if not may_reap_strangers() or is_task_process(pid):
         return
     try:
         os.waitpid(pid, os.WNOHANG)
