@@ -25,3 +25,10 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path):
                                                                          "start-up"}
     assert all(row["result"] in ("pass", "FAIL", "skipped") for row in document["rows"])
     assert document["machine"]["cores"] >= 1
+
+
+def test_the_leanest_agent_floor_prints_its_ratios():
+    done = subprocess.run([sys.executable, "-m", "bench.leanest", "--rounds", "1", "--tasks", "40"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("leanest Python agent: serial ") and "x); parallel " in done.stdout
