@@ -215,8 +215,10 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     metrics = Metrics(live=lambda: engine.live.values(), health=store.health,
                       usage=lambda: store.last_usage,
                       escapees_killed=lambda: None if escapees is None else escapees.killed)
+    fleet_doors: list = []  # told of every task's end: a slot a fleet task may take
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe, retention.observe, metrics.observe],
+                    observers=[release.observe, retention.observe, metrics.observe,
+                               partial(_tell_each, fleet_doors)],
                     cleanup_observers=[metrics.observe_cleanup],
                     refusal_observers=[metrics.refused], allow=options.allow)
     escapees = EscapeeReaper(reactor, engine.live.keys) if own_process else None
@@ -236,10 +238,42 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
                                         line_timeout=options["line-timeout"])
     _door(reactor, options["listen"], agent.tcp_factory, "TCP task protocol",
           then=partial(_say_how_protected, protected)).setServiceParent(agent)
+    agent.fleet = None
+    if options.fleet_dsn is not None:
+        agent.fleet = _fleet_door(options, reactor, engine, lane)
+        fleet_doors.append(agent.fleet)
+        agent.fleet.setServiceParent(agent)
     if options["http"]:
         agent.site = _http_site(options, reactor, engine, store, metrics, environ)
         _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
     return agent
+
+
+def _tell_each(doors: list, task) -> None:
+    for door in doors:
+        door.observe(task)
+
+
+def _fleet_door(options: Options, reactor, engine: Engine, lane: Lane):
+    """This node as a worker of the fleet's queue: two connections (claims and reports;
+    heartbeats) and a listening one, each on its own thread."""
+    from agent.doors.fleet.door import FleetDoor
+    from agent.doors.fleet.lease import GenerationFile, NodeConfig
+    from agent.fleet import dsn as dsns
+    from agent.fleet import tasks
+    from agent.fleet.database import Database, Listener
+
+    dsn = options.fleet_dsn
+    config = NodeConfig(options["node-id"], options.labels, options["parallel"],
+                        lease=options["fleet-lease"])
+    datadir.prepare(Path(options["data-dir"]))
+    return FleetDoor(
+        engine, lane, reactor, work=Database(reactor, dsn, "work"),
+        beat=Database(reactor, dsn, "heartbeat"), config=config,
+        generation_file=GenerationFile(Path(options["data-dir"]) / "fleet-generation"),
+        listener=partial(Listener, reactor, dsn, (tasks.QUEUED, tasks.CANCEL)),
+        where=dsns.for_log(dsn), kill_grace=options["kill-grace"], poll=options["fleet-poll"],
+        drain_timeout=options["shutdown-grace"] + 10.0, keep_days=options["keep-days"])
 
 
 def _backlog(options: Options, reactor) -> Backlog:
