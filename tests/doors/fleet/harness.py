@@ -108,7 +108,10 @@ class Fleet:
         """Await predicate() (a coroutine function) until truthy; its last value."""
         deadline = time.monotonic() + timeout
         while True:
-            value = await predicate()
+            try:
+                value = await predicate()
+            except Unavailable:  # the test restarted the database: ask again
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import pytest_twisted
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.defer import gatherResults
+from twisted.internet.threads import deferToThread
 
 from agent.fleet import tasks
+from agent.fleet.database import Unavailable
 from tests.doors.fleet.harness import sleep
 
 
@@ -118,3 +121,41 @@ async def test_a_claim_whose_answer_was_lost_goes_back_unrun(fleet, make_node):
     node.door._claiming = False
     task = await fleet.reaches("orphan", "finished", timeout=20)
     assert task.attempt == 1 and node.started == ["fleet:1:orphan"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgresql_restarting_under_load_loses_and_duplicates_nothing(
+        fleet, make_node, postgres_server):
+    nodes = [await make_node(f"n{i}", parallel=3, poll=0.3, lease=10.0) for i in range(5)]
+    await fleet.submit_many((f"t{i}", ("sleep", "0.1")) for i in range(300))
+    await fleet.until(_some_finished(fleet, 30), what="work under way")
+    said = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        await deferToThread(postgres_server.restart)
+        [(ended_by_then,)] = await fleet.until(  # the test's own connection broke too
+            lambda: fleet.sql("SELECT count(*) FROM agent_fleet_tasks WHERE state = 'finished'"))
+        await fleet.all_ended(300, timeout=90)
+    finally:
+        globalLogPublisher.removeObserver(said)
+    assert ended_by_then < 300  # the restart came while tasks were still running
+    told = {formatEvent(event).split(":")[0] for event in said
+            if event.get("log_namespace") == "agent.fleet.database"}
+    assert "fleet database (work) unreachable" in told
+    assert any(line.startswith("fleet database (work) reachable again") for line in told)
+    rows = await fleet.sql("SELECT state, exit_code, count(*) FROM agent_fleet_tasks "
+                           "GROUP BY 1, 2")
+    assert rows == [("finished", 0, 300)]
+    started = [local.split(":", 2)[2] for node in nodes for local in node.started]
+    assert len(started) == len(set(started)) == 300  # each task started once, on one node
+
+
+def _some_finished(fleet, count: int):
+    async def check():
+        try:
+            [(n,)] = await fleet.sql("SELECT count(*) FROM agent_fleet_tasks "
+                                     "WHERE state = 'finished'")
+        except Unavailable:
+            return False
+        return n >= count
+    return check
