@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-fleet clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The fleet: 5 agents on a private PostgreSQL (needs its binaries, as the tests do).
+bench-fleet: install
+	$(BIN)/python -m bench.fleet
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache
