@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
@@ -244,8 +244,11 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
         fleet_doors.append(agent.fleet)
         agent.fleet.setServiceParent(agent)
     if options["http"]:
-        agent.site = _http_site(options, reactor, engine, store, metrics, environ)
+        fleet_db = _http_fleet_database(options, reactor)
+        agent.site = _http_site(options, reactor, engine, store, metrics, environ, fleet_db)
         _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
+        if fleet_db is not None:
+            _Closing(fleet_db).setServiceParent(agent)
     return agent
 
 
@@ -284,8 +287,28 @@ def _backlog(options: Options, reactor) -> Backlog:
     return Backlog(options["max-pending-output"], Spill(options["data-dir"], in_thread))
 
 
+def _http_fleet_database(options: Options, reactor):
+    """The HTTP door's own connection to the fleet (GET /fleet/...), apart from the fleet
+    door's: a slow listing never delays a claim or a heartbeat. None without --fleet."""
+    if options.fleet_dsn is None:
+        return None
+    from agent.fleet.database import Database
+    return Database(reactor, options.fleet_dsn, "http")
+
+
+class _Closing(Service):
+    """Closes a fleet Database (its connection, then its thread) when the agent stops."""
+
+    def __init__(self, database):
+        self._database = database
+
+    def stopService(self):
+        super().stopService()
+        return self._database.close()
+
+
 def _http_site(options: Options, reactor, engine: Engine, store: Store, metrics: Metrics,
-               environ):
+               environ, fleet=None):
     from agent.doors.http.api import make_site
     from agent.doors.http.auth import TokenAuth, load_or_create_token
 
@@ -294,4 +317,4 @@ def _http_site(options: Options, reactor, engine: Engine, store: Store, metrics:
     if options.admin_token_wanted:
         auth = auth.with_admin(load_or_create_token(options["token-file"]))
     return make_site(engine, store, Lane(options["max-running"]), auth, options["kill-grace"],
-                     reactor, environ, metrics=metrics)
+                     reactor, environ, metrics=metrics, fleet=fleet)
