@@ -268,7 +268,7 @@ def _fleet_door(options: Options, reactor, engine: Engine, lane: Lane):
 
     dsn = options.fleet_dsn
     config = NodeConfig(options["node-id"], options.labels, options["parallel"],
-                        lease=options["fleet-lease"])
+                        http=options["fleet-url"], lease=options["fleet-lease"])
     datadir.prepare(Path(options["data-dir"]))
     return FleetDoor(
         engine, lane, reactor, work=Database(reactor, dsn, "work"),
