@@ -29,7 +29,7 @@ from agent.history.retention import Policy, Retention
 from agent.history.store import Store
 from agent.logformat import JsonLines
 from agent.memory import BurstRelease
-from agent.metrics import Metrics
+from agent.metrics import FleetGauges, Metrics
 from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
@@ -214,7 +214,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     release = BurstRelease(reactor, lambda: len(engine.live))
     metrics = Metrics(live=lambda: engine.live.values(), health=store.health,
                       usage=lambda: store.last_usage,
-                      escapees_killed=lambda: None if escapees is None else escapees.killed)
+                      escapees_killed=lambda: None if escapees is None else escapees.killed,
+                      fleet=lambda: _fleet_gauges(agent.fleet, reactor))
     fleet_doors: list = []  # told of every task's end: a slot a fleet task may take
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
                     observers=[release.observe, retention.observe, metrics.observe,
@@ -250,6 +251,16 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
         if fleet_db is not None:
             _Closing(fleet_db).setServiceParent(agent)
     return agent
+
+
+def _fleet_gauges(door, clock) -> FleetGauges | None:
+    """The fleet door's figures for GET /metrics; None without --fleet."""
+    if door is None:
+        return None
+    renewed = door.lease.renewed_at
+    return FleetGauges(running=door.tasks_running, lease_valid=door.lease.valid,
+                       since_renewal=None if renewed is None else clock.seconds() - renewed,
+                       claims=door.claimed, reports=dict(door.reported))
 
 
 def _tell_each(doors: list, task) -> None:

@@ -1,5 +1,6 @@
-"""--fleet-url: the address a fleet node gives for its HTTP door, where fleet records point
-for a task's whole output."""
+"""What --fleet adds to the agent as service.build wires it (nothing connects here): the
+node's HTTP address (--fleet-url), where fleet records point for a task's whole output,
+and its figures on GET /metrics."""
 from __future__ import annotations
 
 import pytest
@@ -39,3 +40,19 @@ def test_a_url_that_is_not_http_or_https_is_refused(tmp_path, url):
 def test_it_needs_fleet(tmp_path):
     with pytest.raises(usage.UsageError, match="--fleet-url needs --fleet"):
         parse(tmp_path, "--fleet-url", "https://node7:8080")
+
+
+def _metrics(agent) -> str:
+    """What GET /metrics answers (its handler, called as the router would)."""
+    [route] = [r for r in agent.site.resource.routes if r.pattern == "/metrics"]
+    return route.handler(None).body.decode()
+
+
+def test_a_fleet_agent_shows_its_node_in_its_metrics_from_the_start(tmp_path):
+    metrics = _metrics(build(parse(tmp_path, "--fleet", DSN, "--http", "tcp:0"), Clock()))
+    assert "agent_fleet_lease_valid 0.0" in metrics and "agent_fleet_claims_total 0.0" in metrics
+    assert "agent_fleet_heartbeat_age_seconds" not in metrics  # not registered yet
+
+
+def test_an_agent_not_in_a_fleet_has_no_fleet_metrics(tmp_path):
+    assert "agent_fleet_" not in _metrics(build(parse(tmp_path, "--http", "tcp:0"), Clock()))
