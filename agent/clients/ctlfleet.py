@@ -105,8 +105,7 @@ def node_rows(nodes) -> list[tuple[str, ...]]:
     return [(printable(str(n.get("id"))), str(n.get("state")),
              f"{n.get('running')}/{n.get('parallel') or 'unlimited'}",
              f"{n.get('heartbeat_age', 0):.1f}s ago",
-             printable(",".join(f"{k}={v}" for k, v in sorted((n.get("labels") or {}).items()))
-                       or "-"),
+             printable(_pairs(n.get("labels") or {}) or "-"),
              printable(str(n.get("http") or "-"))) for n in nodes]
 
 
@@ -120,7 +119,8 @@ def task_rows(tasks) -> list[tuple[str, ...]]:
 def task_lines(task: dict) -> str:
     """The record as `field: value` lines, then where the whole output is, each attempt,
     and the tails (control characters escaped: they are a record shown, not output copied)."""
-    lines = [record_lines({k: v for k, v in task.items() if k not in SHOWN_APART})]
+    lines = [record_lines({k: _pairs(v) if isinstance(v, dict) else v
+                           for k, v in task.items() if k not in SHOWN_APART})]
     output = task.get("output")
     if output:
         where = f"node {output.get('node_id')}, task {output.get('local_task_id')}"
@@ -141,6 +141,11 @@ def task_lines(task: dict) -> str:
                          + " ---")
             lines += [printable(line) for line in tail.rstrip("\n").split("\n")]
     return "\n".join(lines)
+
+
+def _pairs(mapping: dict) -> str | None:
+    """{"os": "linux"} as os=linux (None, shown as -, when empty)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(mapping.items())) or None
 
 
 def _or_dash(value) -> str:

@@ -142,6 +142,7 @@ def test_show_prints_the_record_where_the_output_is_each_attempt_and_the_tails()
     lines = task_lines(TASK).splitlines()
     assert "key:" in lines[0] and "build/7" in lines[0]
     assert not any(line.startswith(("stdout_tail", "attempts", "output:  ")) for line in lines)
+    assert lines[5].split() == ["labels:", "os=linux"] and lines[4].split() == ["limits:", "-"]
     assert (f"output: node node-b, task {'ab' * 16}, http://node-b:8080/tasks/{'ab' * 16}"
             "/output") in lines
     assert ("attempt 1: node node-a, abandoned, exit -, 2026-12-01T10:00:01Z to "
