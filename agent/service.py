@@ -246,10 +246,10 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
         agent.fleet.setServiceParent(agent)
     if options["http"]:
         fleet_db = _http_fleet_database(options, reactor)
+        if fleet_db is not None:  # before the door: services stop in reverse, so it closes after
+            _Closing(fleet_db).setServiceParent(agent)
         agent.site = _http_site(options, reactor, engine, store, metrics, environ, fleet_db)
         _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
-        if fleet_db is not None:
-            _Closing(fleet_db).setServiceParent(agent)
     return agent
 
 

@@ -7,6 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python import usage
 
+from agent.fleet.database import Database
 from agent.options import Options
 from agent.service import build
 
@@ -56,3 +57,24 @@ def test_a_fleet_agent_shows_its_node_in_its_metrics_from_the_start(tmp_path):
 
 def test_an_agent_not_in_a_fleet_has_no_fleet_metrics(tmp_path):
     assert "agent_fleet_" not in _metrics(build(parse(tmp_path, "--http", "tcp:0"), Clock()))
+
+
+def _fleet_database_of_the_site(agent):
+    [route] = [r for r in agent.site.resource.routes if r.pattern == "/fleet/nodes"]
+    return route.handler.__self__._database
+
+
+def test_the_http_door_reads_the_fleet_through_a_connection_of_its_own(tmp_path):
+    agent = build(parse(tmp_path, "--fleet", DSN, "--http", "tcp:0"), Clock())
+    database = _fleet_database_of_the_site(agent)
+    assert isinstance(database, Database) and database.name == "http"
+    assert database not in (agent.fleet._work, agent.fleet.lease._beat)
+    services = list(agent)
+    closing = next(s for s in services if getattr(s, "_database", None) is database)
+    door = next(s for s in services
+                if getattr(getattr(s, "endpoint", None), "_what", None) == "HTTP API")
+    assert services.index(closing) < services.index(door), "it would close before the door stops"
+
+
+def test_without_fleet_the_http_door_has_no_fleet_connection(tmp_path):
+    assert _fleet_database_of_the_site(build(parse(tmp_path, "--http", "tcp:0"), Clock())) is None
