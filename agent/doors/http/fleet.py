@@ -22,6 +22,7 @@ from agent.doors.http.errors import (BadRequest, Conflict, Forbidden, NotFound, 
                                      Unprocessable)
 from agent.doors.http.query import arg, int_arg
 from agent.doors.http.router import Response
+from agent.doors.http.tasks import REPLAYED
 from agent.fleet import nodes, tasks
 from agent.fleet.database import Database, Unavailable as DatabaseUnavailable
 from agent.fleet.records import STATES, FleetTask, Node
@@ -34,7 +35,6 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 1000
 MAX_SEQ = (1 << 63) - 1
 """The largest cursor: a fleet task's seq is a PostgreSQL bigserial."""
-REPLAYED = b"Idempotent-Replayed"
 
 
 class FleetEndpoints:
