@@ -106,7 +106,7 @@ def test_the_same_key_and_command_attaches_and_another_command_is_a_conflict(fle
     assert len(tasks.list_tasks(db)) == 1
 
 
-@pytest.mark.parametrize("body, code, words", [
+INVALID = [
     ({"command": "make test"}, 422, '"command" must be a non-empty array'),
     ({"command": []}, 422, '"command" must be a non-empty array'),
     ({"command": ["x"], "max_attempts": 0}, 422, '"max_attempts"'),
@@ -117,10 +117,13 @@ def test_the_same_key_and_command_attaches_and_another_command_is_a_conflict(fle
     ({"command": ["x"], "id": "a\nb"}, 422, "control characters"),
     ({"command": ["x"], "id": "k" * 1001}, 422, "at most 1000"),
     (["x"], 400, "JSON object"),
-])
-def test_an_invalid_submission_is_refused_naming_the_field(fleet_api, db, body, code, words):
-    answer = fleet_api.request("POST", "/fleet/tasks", body)
-    assert answer.code == code and words in answer.json()["error"], answer.json()
+]
+
+
+def test_an_invalid_submission_is_refused_naming_the_field(fleet_api, db):
+    for body, code, words in INVALID:
+        answer = fleet_api.request("POST", "/fleet/tasks", body)
+        assert answer.code == code and words in answer.json()["error"], (body, answer.json())
     assert tasks.list_tasks(db) == []
 
 
@@ -172,21 +175,21 @@ def test_an_attempt_handed_back_by_its_node_stays_in_the_record(fleet_api, db):
         [(1, "interrupted", "its node stopped")]
 
 
-@pytest.mark.parametrize("key", ["a/b", "with space", "ü-ñ", "100%", "?x=1#y", "..", "."])
-def test_any_key_is_reached_percent_encoded(fleet_api, key):
-    created = fleet_api.request("POST", "/fleet/tasks", {"id": key, "command": ["true"]})
-    location = created.header("Location")[0]
-    assert location == (_path(key).replace(".", "%2E") if key in (".", "..") else _path(key))
+def test_any_key_is_reached_percent_encoded(fleet_api):
+    for key in ["a/b", "with space", "ü-ñ", "100%", "?x=1#y", "..", "."]:
+        created = fleet_api.request("POST", "/fleet/tasks", {"id": key, "command": ["true"]})
+        location = created.header("Location")[0]
+        assert location == (_path(key).replace(".", "%2E") if key in (".", "..") else _path(key))
+        assert fleet_api.json("GET", location)["key"] == key
+        assert fleet_api.json("POST", location + "/cancel")["state"] == "cancelled"
 
-    assert fleet_api.json("GET", location)["key"] == key
-    assert fleet_api.json("POST", location + "/cancel")["state"] == "cancelled"
 
-
-@pytest.mark.parametrize("path", ["/fleet/tasks/nope", "/fleet/tasks/a%00b",
-                                  "/fleet/tasks/" + "k" * 1001, "/fleet/tasks/nope/cancel"])
-def test_an_unknown_key_is_a_404(fleet_api, path):
-    answer = fleet_api.request("GET" if not path.endswith("/cancel") else "POST", path)
-    assert answer.code == 404 and "no fleet task with key" in answer.json()["error"]
+def test_an_unknown_key_is_a_404(fleet_api):
+    for method, path in [("GET", "/fleet/tasks/nope"), ("GET", "/fleet/tasks/a%00b"),
+                         ("GET", "/fleet/tasks/" + "k" * 1001),
+                         ("POST", "/fleet/tasks/nope/cancel")]:
+        answer = fleet_api.request(method, path)
+        assert answer.code == 404 and "no fleet task with key" in answer.json()["error"], path
 
 
 # -- the list
@@ -226,14 +229,13 @@ def test_a_page_that_is_exactly_full_says_there_is_no_next(fleet_api, db):
     assert fleet_api.json("GET", "/fleet/tasks?limit=3")["next"] is None
 
 
-@pytest.mark.parametrize("query, words", [
-    ("state=succeeded", "state must be one of"), ("limit=0", "limit must be between"),
-    ("limit=x", "limit must be an integer"), ("cursor=-1", "cursor must be"),
-    ("cursor=99999999999999999999", "cursor must be"), ("node=a%01b", "node must be"),
-])
-def test_a_bad_parameter_is_a_400_that_names_it(fleet_api, query, words):
-    answer = fleet_api.request("GET", "/fleet/tasks?" + query)
-    assert answer.code == 400 and words in answer.json()["error"]
+def test_a_bad_parameter_is_a_400_that_names_it(fleet_api):
+    for query, words in [
+            ("state=succeeded", "state must be one of"), ("limit=0", "limit must be between"),
+            ("limit=x", "limit must be an integer"), ("cursor=-1", "cursor must be"),
+            ("cursor=99999999999999999999", "cursor must be"), ("node=a%01b", "node must be")]:
+        answer = fleet_api.request("GET", "/fleet/tasks?" + query)
+        assert answer.code == 400 and words in answer.json()["error"], query
 
 
 # -- cancel
