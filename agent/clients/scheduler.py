@@ -44,8 +44,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agent.clients.batch import InputError, Summary, parse_requests, read_input
 from agent.clients.progress import Progress
-from agent.doors.tcp.wire import BUSY_ERROR, TIMEOUT_ERROR
+from agent.doors.tcp.wire import BUSY_ERROR
 from agent.tls import ClientTLS, tls_error_text
 
 DEFAULT_AGENT = "127.0.0.1:3000"
@@ -57,37 +58,7 @@ MAX_RECONNECTS = 3
 MAX_RESULT_LINE = 1 << 30  # a result carries a task's whole stdout, JSON-escaped
 
 
-# -- pure parts: input, addresses, back-off, summary
-
-
-class InputError(ValueError):
-    """The request file cannot be read as JSON lines or a JSON array."""
-
-
-def parse_requests(text: str) -> list[dict]:
-    """Requests as JSON lines (the reference format) or as one JSON array.
-
-    Blank lines are skipped; an error names the line (or array element) so a
-    long batch file can be fixed without bisecting it.
-    """
-    if text.lstrip().startswith("["):
-        try:
-            requests = json.loads(text)
-        except ValueError as e:
-            raise InputError(f"input is not a valid JSON array: {e}") from None
-        numbered, where = list(enumerate(requests, 1)), "element"
-    else:
-        numbered, where = [], "line"
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((number, json.loads(line)))
-                except ValueError as e:
-                    raise InputError(f"line {number} is not valid JSON: {e}") from None
-    for number, request in numbered:
-        if not isinstance(request, dict):
-            raise InputError(f"{where} {number} is not a JSON object")
-    return [request for _, request in numbered]
+# -- pure parts: addresses, back-off (the input and the summary: agent.clients.batch)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -101,37 +72,6 @@ def parse_address(text: str) -> tuple[str, int]:
 def backoff(streak: int) -> float:
     """Seconds to leave a node alone after `streak` + 1 busy answers in a row."""
     return min(FIRST_BACKOFF * 2 ** streak, MAX_BACKOFF)
-
-
-@dataclass
-class Summary:
-    sent: int = 0  # tasks written at least once
-    ok: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    busy: int = 0  # busy answers printed as results (pace mode)
-    missing: int = 0  # tasks without a result
-    retried: int = 0  # busy answers the default mode sent again
-    asked_again: int = 0  # tasks with an id asked for again after a dropped connection
-
-    def count(self, result: dict) -> None:
-        error = result.get("error")
-        if error == TIMEOUT_ERROR:
-            self.timed_out += 1
-        elif error == BUSY_ERROR:
-            self.busy += 1
-        elif result.get("exit_code") == 0 and not error:
-            self.ok += 1
-        else:
-            self.failed += 1
-
-    def line(self, elapsed: float) -> str:
-        retried = f"{self.retried} busy answers retried, " if self.retried else ""
-        asked = (f"{self.asked_again} asked for again after a dropped connection, "
-                 if self.asked_again else "")
-        return (f"agent-scheduler: {self.sent} sent, {self.ok} ok, {self.failed} failed, "
-                f"{self.timed_out} timed out, {self.busy} busy, {self.missing} without result, "
-                f"{retried}{asked}{elapsed:.2f} s")
 
 
 # -- one connection
@@ -537,23 +477,6 @@ class Options(usage.Options):
             return ClientTLS.from_files(self["ca"], self["cert"], self["key"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-
-
-def read_input(path: str | None) -> str:
-    """The request file (stdin for None or '-') as text, errors as InputError."""
-    try:
-        if path in (None, "-"):
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-    except OSError as e:
-        raise InputError(f"cannot read {path or 'stdin'}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"line {line} is not UTF-8") from None
 
 
 async def _run(reactor, options: Options) -> None:
