@@ -74,6 +74,7 @@ class Summary:
     missing: int = 0  # tasks without a result
     retried: int = 0  # busy answers the default mode sent again
     asked_again: int = 0  # tasks with an id asked for again after a dropped connection
+    attached: int = 0  # fleet: tasks whose key the fleet knew (same command): not queued again
 
     def count(self, result: dict) -> None:
         error = result.get("error")
@@ -90,6 +91,8 @@ class Summary:
         retried = f"{self.retried} busy answers retried, " if self.retried else ""
         asked = (f"{self.asked_again} asked for again after a dropped connection, "
                  if self.asked_again else "")
+        attached = (f"{self.attached} attached to tasks the fleet knew, "
+                    if self.attached else "")
         return (f"agent-scheduler: {self.sent} sent, {self.ok} ok, {self.failed} failed, "
                 f"{self.timed_out} timed out, {self.busy} busy, {self.missing} without result, "
-                f"{retried}{asked}{elapsed:.2f} s")
+                f"{retried}{asked}{attached}{elapsed:.2f} s")
