@@ -42,6 +42,8 @@ SUBMIT_BATCH = 500
 """Tasks per INSERT (and transaction): a round trip per batch, not per task."""
 FETCH_BATCH = 200
 """Ended tasks read at once: each row holds up to 128 KiB of output tails."""
+FETCH_DELAY = 0.05
+"""Seconds a notification waits for others to fetch with: at most 20 queries a second."""
 CHECK_BATCH = 1000
 """Keys per look for results the notifications missed (keys only, no output)."""
 POLL = 2.0
@@ -229,29 +231,32 @@ class Submitter:
         self._look_now()
 
     def _fetch_soon(self) -> None:
-        """Fetch on the next turn of the reactor: the notifications the listener handed
-        over meanwhile join the same batch."""
+        """Fetch in FETCH_DELAY unless a whole batch is due: the notifications that come
+        meanwhile join the same query (a busy fleet ends hundreds of tasks a second)."""
         if self._fetching or not self._due or self._over:
             return
         self._fetching = True
-        self._reactor.callLater(0, self._start_fetch)
+        delay = 0 if len(self._due) >= FETCH_BATCH else FETCH_DELAY
+        self._reactor.callLater(delay, self._start_fetch)
 
     def _start_fetch(self) -> None:
         Deferred.fromCoroutine(self._fetch()).addErrback(self._fail)
 
     async def _fetch(self) -> None:
-        """Read the ended tasks FETCH_BATCH at a time and print them, oldest end first."""
+        """Read up to FETCH_BATCH ended tasks and print them, oldest end first."""
         try:
-            while self._due and not self._over:
-                keys = list(itertools.islice(self._due, FETCH_BATCH))
-                for key in keys:
-                    del self._due[key]
-                ended = await self._call(tasks.ended, keys)
-                for task in sorted(ended, key=lambda t: (t.ended_at, t.seq)):
-                    self._result(task)
+            if self._over:
+                return
+            keys = list(itertools.islice(self._due, FETCH_BATCH))
+            for key in keys:
+                del self._due[key]
+            ended = await self._call(tasks.ended, keys)
+            for task in sorted(ended, key=lambda t: (t.ended_at, t.seq)):
+                self._result(task)
         finally:
             self._fetching = False
         self._check_done()
+        self._fetch_soon()
 
     def _look_now(self) -> None:
         """Look at once for every waiting task that ended (the poll, and after a gap)."""

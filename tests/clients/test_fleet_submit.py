@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from agent.clients import fleet_submit
 from agent.clients.batch import numbered_requests
-from agent.clients.fleet_submit import (FETCH_BATCH, POLL, SUBMIT_BATCH, Entry, FleetInputError,
+from agent.clients.fleet_submit import (FETCH_BATCH, FETCH_DELAY, POLL, SUBMIT_BATCH, Entry, FleetInputError,
                                         FleetUnreachable, Submitter, entries_from)
 from agent.fleet.records import Submission
 from agent.fleet.tasks import ENDED
@@ -116,10 +116,10 @@ def test_results_print_in_the_order_their_tasks_end():
     run = Run()
     d = run.start(entries("a", "b", "c"))
     run.finish("b", stdout=b"bee\n")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     run.finish("c", exit_code=3)
     run.finish("a", exit_code=-1, error="timeout exceeded")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert [(r["id"], r["exit_code"]) for r in run.results()] == [("b", 0), ("a", -1), ("c", 3)]
     assert run.results()[0]["output"] == "bee\n"
     assert d.called and d.result is None
@@ -135,18 +135,30 @@ def test_notifications_are_fetched_in_batches_not_one_query_each():
     d = run.start(entries(*keys))
     run.fleet.answer()  # schema, submit, the first look (nothing ended yet)
     run.finish(*keys)
-    run.clock.advance(0)
-    run.fleet.answer()
+    for _ in range(3):
+        run.clock.advance(FETCH_DELAY)
+        run.fleet.answer()
     assert [len(keys) for (keys,) in run.fleet.calls_of("ended")] == [
         FETCH_BATCH, FETCH_BATCH, 50]
     assert len(run.results()) == len(keys) and d.called
+
+
+def test_notifications_a_few_milliseconds_apart_share_one_query():
+    run = Run()
+    keys = [f"k{i}" for i in range(5)]
+    d = run.start(entries(*keys))
+    for key in keys:
+        run.finish(key)
+        run.clock.advance(FETCH_DELAY / 10)
+    run.clock.advance(FETCH_DELAY)
+    assert run.fleet.calls_of("ended") == [(keys,)] and d.called
 
 
 def test_a_notification_of_another_submitters_task_is_ignored():
     run = Run()
     run.start(entries("mine"))
     run.notify("theirs")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert run.fleet.calls_of("ended") == []
 
 
@@ -157,7 +169,7 @@ def test_the_poll_finds_a_result_whose_notification_never_came():
     run.clock.advance(POLL - 0.1)
     assert run.results() == []
     run.clock.advance(0.1)
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert [r["id"] for r in run.results()] == ["a"] and d.called
 
 
@@ -174,7 +186,7 @@ def test_a_listener_back_after_a_gap_looks_at_once_for_what_ended_meanwhile():
     d = run.start(entries("a"))
     run.finish("a", notify=False)
     run.listener.reconnected()
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert [r["id"] for r in run.results()] == ["a"] and d.called
     assert "listening again" in run.err.getvalue()
 
@@ -184,7 +196,7 @@ def test_a_task_that_ended_before_it_was_submitted_again_is_printed_at_once():
     run.fleet.submit_many([Submission("old", ("true",))], "someone")
     run.fleet.finish("old", stdout=b"done before\n")
     d = run.start(entries("old"))
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert run.results()[0]["output"] == "done before\n" and d.called
     assert run.submitter.summary.attached == 1
     assert "1 attached to tasks the fleet knew" in run.submitter.summary_line()
@@ -194,7 +206,7 @@ def test_the_same_key_twice_in_a_batch_gets_two_result_lines():
     run = Run()
     d = run.start(entries("a", "a"))
     run.finish("a")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert [r["id"] for r in run.results()] == ["a", "a"] and d.called
 
 
@@ -207,7 +219,7 @@ def test_a_key_known_with_another_command_is_a_failed_result_and_runs_nothing():
                               "state": "refused"}]
     assert run.fleet.tasks["k"].command == ("echo", "theirs")
     run.finish("new")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert d.called and run.submitter.summary.failed == 1 and run.submitter.summary.ok == 1
 
 
@@ -215,7 +227,7 @@ def test_nothing_is_asked_of_the_database_after_the_last_result():
     run = Run()
     d = run.start(entries("a"))
     run.finish("a")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert d.called
     calls = len(run.fleet.calls)
     run.clock.advance(10 * POLL)
@@ -231,7 +243,7 @@ def test_calls_are_tried_again_with_back_off_while_the_database_is_away():
     run.fleet.answer()  # schema, submit, first look
     run.fleet.down = "server closed the connection unexpectedly"
     run.finish("a")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     run.fleet.answer()
     assert "the fleet database is unreachable (server closed the connection unexpectedly)" \
         in run.err.getvalue()
@@ -257,7 +269,7 @@ def test_a_batch_whose_answer_was_lost_is_submitted_again_and_attaches_to_itself
     run.clock.advance(fleet_submit.FIRST_RETRY)
     assert len(run.fleet.calls_of("submit_many")) == 2
     run.finish("a", "b")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     assert [r["id"] for r in run.results()] == ["a", "b"] and d.called
     assert len(run.fleet.tasks) == 2
 
@@ -267,7 +279,7 @@ def test_an_error_that_is_not_a_lost_connection_ends_the_run():
     d = run.start(entries("a", "b"))
     run.fleet.broken = psycopg.errors.InsufficientPrivilege("permission denied for table")
     run.finish("a")
-    run.clock.advance(0)
+    run.clock.advance(FETCH_DELAY)
     failure = d.result
     d.addErrback(lambda f: None)
     assert failure.check(psycopg.errors.InsufficientPrivilege)
