@@ -83,7 +83,8 @@ class FleetDoor(Service):
         self._kill_grace = kill_grace
         self._listener = listener(self._notified, self._claim_soon)
         self.lease = NodeLease(reactor, beat, config, on_fence=self._fence, on_lost=self._lost,
-                               on_cancel_requested=self._cancel_keys, watchdog=watchdog)
+                               on_cancel_requested=self._cancel_keys,
+                               on_running=self._release_orphans, watchdog=watchdog)
         self.lease.running_count = lambda: len(self._runs)
         self._beat = beat
         self._poll = LoopingCall(self._claim_soon)
@@ -204,9 +205,8 @@ class FleetDoor(Service):
         generation = self.lease.generation
         d = self._work.run(tasks.claim, self.config.node_id, generation, self.config.labels,
                            wanted)
-        d.addCallback(self._claimed, generation, wanted)
-        d.addErrback(lambda f: f.trap(Unavailable))
-        d.addErrback(self._unexpected, "claiming")
+        d.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(generation, wanted))
+        d.addErrback(self._unexpected, "admitting claimed tasks")
 
     def _claimed(self, claims: list[Claim], generation: int, wanted: int) -> None:
         self._claiming = False
@@ -215,8 +215,12 @@ class FleetDoor(Service):
         if len(claims) == wanted:
             self._claim_soon()  # there may be more waiting
 
-    def _unexpected(self, failure, what: str) -> None:
+    def _claim_failed(self, failure) -> None:
         self._claiming = False
+        if not failure.check(Unavailable):  # (the Database logs that one)
+            log.failure("fleet: unexpected error while claiming", failure)
+
+    def _unexpected(self, failure, what: str) -> None:
         log.failure("fleet: unexpected error while {what}", failure, what=what)
 
     def _admit(self, claim: Claim, generation: int) -> None:
@@ -349,6 +353,22 @@ class FleetDoor(Service):
             except Unavailable:
                 yield self._sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
+
+    def _release_orphans(self, running: list[tuple[str, int]]) -> None:
+        """Claims the database holds for this node that the node never heard of: the
+        connection broke after the claim committed. Nothing ran, so they go back unrun.
+        (While a claim is in flight its answer may still come, so wait for the next look;
+        a run stays in _runs until its result is recorded.)"""
+        if self._claiming or self._draining:
+            return
+        for key, attempt in running:
+            if key in self._runs:
+                continue
+            log.warn("fleet task {key}: claimed by this node (attempt {attempt}) but the "
+                     "answer was lost with the connection; queued again unrun",
+                     key=for_log(key), attempt=attempt)
+            self._send(tasks.release, key, attempt, self.config.node_id).addErrback(
+                self._unexpected, "releasing a lost claim")
 
     # -- cancel, fence
 

@@ -68,20 +68,24 @@ class NodeLease:
 
     on_fence(): the lease may be running out, stop every fleet task now.
     on_lost(): the database no longer holds this generation (declared dead): fence,
-    then register again. on_renewed(): a heartbeat succeeded.
+    then register again. on_running(pairs): the (key, attempt) pairs the database has
+    running on this generation of the node, after each renewal.
     watchdog: told each deadline (lease(seconds)), so the fence holds even if this
     process cannot act.
     """
 
     def __init__(self, clock, beat: Database, config: NodeConfig, *,
                  on_fence: Callable[[], None], on_lost: Callable[[], None],
-                 on_cancel_requested: Callable[[list[str]], None], watchdog=None):
+                 on_cancel_requested: Callable[[list[str]], None],
+                 on_running: Callable[[list[tuple[str, int]]], None] = lambda rows: None,
+                 watchdog=None):
         self._clock = clock
         self._beat = beat
         self.config = config
         self._on_fence = on_fence
         self._on_lost = on_lost
         self._on_cancel_requested = on_cancel_requested
+        self._on_running = on_running
         self._watchdog = watchdog
         self.generation: int | None = None
         self.valid = False
@@ -133,7 +137,7 @@ class NodeLease:
         self._in_flight = False
 
     def _answered(self, answer, sent: float) -> None:
-        held, cancels, requeued = answer
+        held, cancels, requeued, running = answer
         for key, state in requeued:
             log.info("fleet task {key} was running on a node whose lease ran out: now {state}",
                      key=key, state=state)
@@ -143,6 +147,7 @@ class NodeLease:
         self._renewed(sent)
         if cancels:
             self._on_cancel_requested(cancels)
+        self._on_running(running)
 
     def _unanswered(self, failure) -> None:
         failure.trap(Unavailable)  # logged by the Database; the fence timer decides
@@ -188,9 +193,14 @@ class NodeLease:
 def _heartbeat_and_reap(conn, node_id: str, generation: int, lease: float, running: int):
     """One round on the heartbeat connection: renew, then declare silent nodes dead and
     queue their tasks again (every node does it, so it happens while any node lives),
-    then the cancels asked for our tasks (the poll that backs up NOTIFY)."""
+    then the cancels asked for our tasks (the poll that backs up NOTIFY) and what the
+    database has running here (a claim whose answer a broken connection lost)."""
     held = nodes.heartbeat(conn, node_id, generation, lease, running)
     nodes.declare_dead(conn)
     requeued = tasks.requeue_abandoned(conn)
-    cancels = tasks.cancel_requested(conn, node_id, generation) if held else []
-    return held, cancels, requeued
+    if not held:
+        return held, [], requeued, []
+    cancels = tasks.cancel_requested(conn, node_id, generation)
+    mine = [(key, attempt) for key, attempt, at, _ in tasks.running_on(conn, node_id)
+            if at == generation]
+    return held, cancels, requeued, mine
