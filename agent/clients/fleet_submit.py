@@ -379,14 +379,17 @@ async def run_batch(reactor, dsn: str, file: str | None, *, wait: bool = True,
             reactor, dsn, (tasks.ENDED,), received, reconnected),
         submitted_by=submitter_name(), where=dsns.for_log(dsn), out=out, err=err,
         progress=progress)
+    broken = False
     try:
         if wait:
             await submitter.run(entries)
         else:
             await submitter.submit_only(entries)
     except FleetUnreachable as e:
+        broken = True
         err.write(f"agent-scheduler: {e}\n")
     except (psycopg.Error, schema.SchemaTooNew) as e:
+        broken = True
         err.write(f"agent-scheduler: the fleet database refused: {_first_line(e)}\n")
     finally:
         await db.close()
@@ -394,7 +397,7 @@ async def run_batch(reactor, dsn: str, file: str | None, *, wait: bool = True,
         progress.clear()
     err.write((submitter.summary_line() if wait else submitter.submitted_line()) + "\n")
     err.flush()
-    if submitter.summary.missing or (not wait and submitter.refused):
+    if broken or submitter.summary.missing or (not wait and submitter.refused):
         raise SystemExit(1)
 
 

@@ -49,11 +49,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from agent.clients import fleet_submit
 from agent.clients.batch import InputError, Summary, parse_requests, read_input
 from agent.clients.progress import Progress
 from agent.doors.tcp.wire import BUSY_ERROR, TIMEOUT_UNITS
-from agent.fleet import dsn as dsns
 from agent.tls import ClientTLS, tls_error_text
 
 DEFAULT_AGENT = "127.0.0.1:3000"
@@ -507,6 +505,7 @@ class Options(usage.Options):
             raise usage.UsageError("--agent and --fleet are two ways to run a batch: give one")
         if self["timeout-unit"] not in (None, *TIMEOUT_UNITS):
             raise usage.UsageError(f"--timeout-unit wants s or ms, not {self['timeout-unit']!r}")
+        from agent.fleet import dsn as dsns  # psycopg: a third of the TCP modes' start-up
         try:
             dsn = dsns.with_password_file(self["fleet"], self["fleet-password-file"])
             dsns.parse(dsn)
@@ -532,6 +531,7 @@ class Options(usage.Options):
 
 async def _run(reactor, options: Options) -> None:
     if options["fleet_dsn"] is not None:
+        from agent.clients import fleet_submit  # as dsns above: only --fleet needs psycopg
         await fleet_submit.run_batch(reactor, options["fleet_dsn"], options["file"],
                                      wait=not options["no-wait"],
                                      timeout_scale=TIMEOUT_UNITS[options["timeout-unit"] or "s"])

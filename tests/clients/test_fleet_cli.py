@@ -65,6 +65,13 @@ def test_help_tells_of_the_fleet_mode():
     assert "--fleet DSN" in text and "--no-wait" in text and "Exit status" in text
 
 
+def test_the_tcp_modes_do_not_load_psycopg():
+    probe = subprocess.run([sys.executable, "-c", "import sys, agent.clients.scheduler; "
+                            "print('psycopg' in sys.modules)"], capture_output=True, text=True,
+                           env=ENV, cwd=REPO, timeout=30)
+    assert probe.stdout == "False\n", probe.stderr
+
+
 # -- the command
 
 
