@@ -33,7 +33,7 @@ from agent.clients.fleet_results import conflict_fields, encode, result_fields
 from agent.clients.progress import Progress
 from agent.core.request import InvalidRequest
 from agent.fleet import dsn as dsns
-from agent.fleet import schema, tasks
+from agent.fleet import nodes, schema, tasks
 from agent.fleet.database import Database, Listener, Unavailable
 from agent.fleet.records import FleetTask, Submission
 from agent.fleet.submissions import submission_from
@@ -61,6 +61,10 @@ class FleetInputError(InputError):
 
 class _Finished(Exception):
     """Raised into a call begun before the last result came (ignored: see _fail)."""
+
+
+class Interrupted(Exception):
+    """The command was stopped (Ctrl-C, SIGTERM) before it was done."""
 
 
 class FleetUnreachable(Exception):
@@ -174,6 +178,9 @@ class Submitter:
                 self.summary.attached += answer == "attached"
                 self.refused += answer == "conflict"
                 answered(entry, answer)
+        if entries and not await self._call(nodes.list_nodes, False):
+            self._complain("no fleet node is up: the tasks wait in the queue until an agent "
+                           "started with --fleet joins")
 
     async def submit_only(self, entries: Sequence[Entry]) -> None:
         """--no-wait: submit, and print each queued task's key as its batch commits."""
@@ -252,7 +259,8 @@ class Submitter:
                 del self._due[key]
             ended = await self._call(tasks.ended, keys)
             for task in sorted(ended, key=lambda t: (t.ended_at, t.seq)):
-                self._result(task)
+                if not self._over:  # not after an interruption
+                    self._result(task)
         finally:
             self._fetching = False
         self._check_done()
@@ -301,6 +309,13 @@ class Submitter:
         if self._submitted and not self._waiting and not self._over:
             self._over = True
             self._done.callback(None)
+
+    def interrupt(self) -> None:
+        """Stop where it is (the reactor is shutting down): the tasks already queued stay
+        in the fleet, the ones not yet sent are not sent."""
+        if self._done is not None:
+            self._fail(Interrupted())
+        self._over = True
 
     def _fail(self, failure) -> None:
         """A call the database refused for good (not a lost connection): the run ends."""
@@ -379,6 +394,14 @@ async def run_batch(reactor, dsn: str, file: str | None, *, wait: bool = True,
             reactor, dsn, (tasks.ENDED,), received, reconnected),
         submitted_by=submitter_name(), where=dsns.for_log(dsn), out=out, err=err,
         progress=progress)
+    finished = Deferred()
+
+    def stopping() -> Deferred:
+        """SIGINT or SIGTERM: end the run, and hold the reactor until the connection is
+        closed (its thread would keep the process alive)."""
+        submitter.interrupt()
+        return finished
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", stopping)
     broken = False
     try:
         if wait:
@@ -388,11 +411,19 @@ async def run_batch(reactor, dsn: str, file: str | None, *, wait: bool = True,
     except FleetUnreachable as e:
         broken = True
         err.write(f"agent-scheduler: {e}\n")
+    except (Interrupted, _Finished):
+        broken = True
+        if progress is not None:
+            progress.clear()
+        err.write("agent-scheduler: interrupted; what was queued stays in the fleet (submit "
+                  "the same ids again to wait for their results)\n")
     except (psycopg.Error, schema.SchemaTooNew) as e:
         broken = True
         err.write(f"agent-scheduler: the fleet database refused: {_first_line(e)}\n")
     finally:
         await db.close()
+        reactor.removeSystemEventTrigger(trigger)
+        finished.callback(None)
     if progress is not None:
         progress.clear()
     err.write((submitter.summary_line() if wait else submitter.submitted_line()) + "\n")

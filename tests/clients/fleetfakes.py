@@ -39,6 +39,7 @@ class FakeFleet:
         self.lose_answer_of: str | None = None
         """The next call of this name is done, but its answer is lost with the connection."""
         self.tasks: dict[str, FleetTask] = {}
+        self.nodes: list = ["n1"]
         self.calls: list[tuple[str, tuple]] = []
         self.closed = False
         self._held: list[tuple[Deferred, str, tuple]] = []
@@ -91,6 +92,9 @@ class FakeFleet:
             else:
                 answers.append("attached" if known.command == task.command else "conflict")
         return answers
+
+    def list_nodes(self, include_gone: bool = True) -> list[str]:
+        return self.nodes
 
     def ended(self, keys) -> list[FleetTask]:
         return [self.tasks[k] for k in keys if k in self.tasks and self.tasks[k].ended]

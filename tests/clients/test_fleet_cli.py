@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -145,6 +147,35 @@ def test_no_wait_prints_the_keys_and_a_refused_key_exits_1(dsn):
     refused = scheduler("--fleet", dsn, "--no-wait", stdin=requests(1) + clash + "\n")
     assert (refused.returncode, refused.stdout) == (1, "t0\n")
     assert "line 2: key 't1' is already used by another command" in refused.stderr
+
+
+def test_sigterm_while_it_waits_ends_it_and_leaves_the_queued_tasks_in_the_fleet(
+        dsn, tmp_path):
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(requests(3))
+    waiting = subprocess.Popen([sys.executable, "-m", "agent.clients.scheduler", "--fleet", dsn,
+                                str(batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=ENV, cwd=REPO)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            while conn.execute("SELECT count(*) FROM agent_fleet_tasks").fetchone()[0] < 3:
+                assert time.monotonic() < deadline, "the batch was never queued"
+                time.sleep(0.05)
+        waiting.send_signal(signal.SIGTERM)
+        out, err = waiting.communicate(timeout=20)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 1, err
+    assert "no fleet node is up" in err
+    assert "agent-scheduler: interrupted; what was queued stays in the fleet" in err
+    assert "3 sent, 0 ok, 0 failed, 0 timed out, 0 busy, 3 without result" in err
+    assert out == ""
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT DISTINCT state FROM agent_fleet_tasks").fetchall() == [
+            ("queued",)]
 
 
 def test_timeouts_in_milliseconds_are_stored_in_seconds(dsn):

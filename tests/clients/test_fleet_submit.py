@@ -13,8 +13,9 @@ from twisted.internet.task import Clock
 
 from agent.clients import fleet_submit
 from agent.clients.batch import numbered_requests
-from agent.clients.fleet_submit import (FETCH_BATCH, FETCH_DELAY, POLL, SUBMIT_BATCH, Entry, FleetInputError,
-                                        FleetUnreachable, Submitter, entries_from)
+from agent.clients.fleet_submit import (FETCH_BATCH, FETCH_DELAY, POLL, SUBMIT_BATCH, Entry,
+                                        FleetInputError, FleetUnreachable, Submitter,
+                                        entries_from)
 from agent.fleet.records import Submission
 from agent.fleet.tasks import ENDED
 from tests.clients.fleetfakes import FakeFleet, FakeListener
@@ -286,6 +287,34 @@ def test_an_error_that_is_not_a_lost_connection_ends_the_run():
     assert run.submitter.summary.missing == 2 and run.listener.stopped
     run.clock.advance(10 * POLL)
     assert not run.clock.getDelayedCalls()
+
+
+def test_a_batch_no_node_can_run_yet_says_so_and_waits():
+    run = Run()
+    run.fleet.nodes = []
+    d = run.start(entries("a"))
+    assert "no fleet node is up: the tasks wait in the queue" in run.err.getvalue()
+    run.finish("a")
+    run.clock.advance(FETCH_DELAY)
+    assert d.called
+
+
+def test_an_interrupted_run_stops_asking_and_prints_nothing_more():
+    run = Run(FakeFleet(hold=True))
+    d = run.start(entries("a", "b"))
+    run.fleet.answer()
+    run.finish("a")
+    run.clock.advance(FETCH_DELAY)  # its fetch is under way
+    run.submitter.interrupt()
+    run.fleet.answer()
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(fleet_submit.Interrupted)
+    assert run.results() == [] and run.submitter.summary.missing == 2
+    calls = len(run.fleet.calls)
+    run.clock.advance(10 * POLL)
+    run.fleet.answer()
+    assert len(run.fleet.calls) == calls and run.listener.stopped
 
 
 # -- --no-wait
