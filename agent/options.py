@@ -123,6 +123,10 @@ class Options(usage.Options):
         ["fleet-lease", None, 10.0,
          "Seconds a fleet node's heartbeat holds its lease: a node silent this long has its "
          "tasks queued again for others (after stopping them itself first).", float],
+        ["fleet-url", None, None,
+         "With --fleet: the URL others should use to reach this node's HTTP door (e.g. "
+         "https://node7:8080); fleet records of tasks this node ran link to their whole "
+         "output there."],
         ["fleet-poll", None, 2.0,
          "Seconds between looks at the fleet queue when no notification came (NOTIFY wakes a "
          "node at once; the poll only backs it up).", float],
@@ -319,7 +323,7 @@ class Options(usage.Options):
         self.labels = parse_labels(self["labels"])
         self.fleet_dsn = None
         if self["fleet"] is None:
-            for name in ("fleet-password-file", "node-id"):
+            for name in ("fleet-password-file", "node-id", "fleet-url"):
                 if self[name] is not None:
                     raise usage.UsageError(f"--{name} needs --fleet")
             return
@@ -334,6 +338,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--fleet-password-file: cannot read it: {e.strerror}") from None
         except dsns.BadDsn as e:
             raise usage.UsageError(str(e)) from None
+        if self["fleet-url"] is not None:
+            self["fleet-url"] = check_fleet_url(self["fleet-url"])
         if self["node-id"] is None:
             self["node-id"] = default_node_id(self["data-dir"])
         from agent.core.request import InvalidRequest, task_id
@@ -371,6 +377,20 @@ def parse_labels(text: str) -> dict[str, str]:
             raise usage.UsageError(f"--labels: {name} is given twice")
         labels[name] = value
     return labels
+
+
+def check_fleet_url(url: str) -> str:
+    """An http(s)://HOST[:PORT][/PREFIX] URL, without a trailing slash."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.query or parts.fragment or any(c.isspace() for c in url)):
+        raise usage.UsageError(f"--fleet-url must look like https://HOST:PORT, not {url!r}")
+    return url.rstrip("/")
 
 
 def default_node_id(data_dir: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
@@ -29,7 +29,7 @@ from agent.history.retention import Policy, Retention
 from agent.history.store import Store
 from agent.logformat import JsonLines
 from agent.memory import BurstRelease
-from agent.metrics import Metrics
+from agent.metrics import FleetGauges, Metrics
 from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
@@ -214,7 +214,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     release = BurstRelease(reactor, lambda: len(engine.live))
     metrics = Metrics(live=lambda: engine.live.values(), health=store.health,
                       usage=lambda: store.last_usage,
-                      escapees_killed=lambda: None if escapees is None else escapees.killed)
+                      escapees_killed=lambda: None if escapees is None else escapees.killed,
+                      fleet=lambda: _fleet_gauges(agent.fleet, reactor))
     fleet_doors: list = []  # told of every task's end: a slot a fleet task may take
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
                     observers=[release.observe, retention.observe, metrics.observe,
@@ -244,9 +245,22 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
         fleet_doors.append(agent.fleet)
         agent.fleet.setServiceParent(agent)
     if options["http"]:
-        agent.site = _http_site(options, reactor, engine, store, metrics, environ)
+        fleet_db = _http_fleet_database(options, reactor)
+        if fleet_db is not None:  # before the door: services stop in reverse, so it closes after
+            _Closing(fleet_db).setServiceParent(agent)
+        agent.site = _http_site(options, reactor, engine, store, metrics, environ, fleet_db)
         _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
     return agent
+
+
+def _fleet_gauges(door, clock) -> FleetGauges | None:
+    """The fleet door's figures for GET /metrics; None without --fleet."""
+    if door is None:
+        return None
+    renewed = door.lease.renewed_at
+    return FleetGauges(running=door.tasks_running, lease_valid=door.lease.valid,
+                       since_renewal=None if renewed is None else clock.seconds() - renewed,
+                       claims=door.claimed, reports=dict(door.reported))
 
 
 def _tell_each(doors: list, task) -> None:
@@ -265,7 +279,7 @@ def _fleet_door(options: Options, reactor, engine: Engine, lane: Lane):
 
     dsn = options.fleet_dsn
     config = NodeConfig(options["node-id"], options.labels, options["parallel"],
-                        lease=options["fleet-lease"])
+                        http=options["fleet-url"], lease=options["fleet-lease"])
     datadir.prepare(Path(options["data-dir"]))
     return FleetDoor(
         engine, lane, reactor, work=Database(reactor, dsn, "work"),
@@ -284,8 +298,28 @@ def _backlog(options: Options, reactor) -> Backlog:
     return Backlog(options["max-pending-output"], Spill(options["data-dir"], in_thread))
 
 
+def _http_fleet_database(options: Options, reactor):
+    """The HTTP door's own connection to the fleet (GET /fleet/...), apart from the fleet
+    door's: a slow listing never delays a claim or a heartbeat. None without --fleet."""
+    if options.fleet_dsn is None:
+        return None
+    from agent.fleet.database import Database
+    return Database(reactor, options.fleet_dsn, "http")
+
+
+class _Closing(Service):
+    """Closes a fleet Database (its connection, then its thread) when the agent stops."""
+
+    def __init__(self, database):
+        self._database = database
+
+    def stopService(self):
+        super().stopService()
+        return self._database.close()
+
+
 def _http_site(options: Options, reactor, engine: Engine, store: Store, metrics: Metrics,
-               environ):
+               environ, fleet=None):
     from agent.doors.http.api import make_site
     from agent.doors.http.auth import TokenAuth, load_or_create_token
 
@@ -294,4 +328,4 @@ def _http_site(options: Options, reactor, engine: Engine, store: Store, metrics:
     if options.admin_token_wanted:
         auth = auth.with_admin(load_or_create_token(options["token-file"]))
     return make_site(engine, store, Lane(options["max-running"]), auth, options["kill-grace"],
-                     reactor, environ, metrics=metrics)
+                     reactor, environ, metrics=metrics, fleet=fleet)

@@ -4,6 +4,7 @@ queued again while it renews it, however long they run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 from psycopg.rows import dict_row
@@ -93,6 +94,21 @@ def list_nodes(conn: psycopg.Connection, include_gone: bool = True) -> list[Node
         where = "" if include_gone else "WHERE state IN ('up', 'draining')"
         cur.execute(f"SELECT {NODE_COLUMNS} FROM agent_fleet_nodes {where} ORDER BY node_id")
         return [Node.from_row(row) for row in cur.fetchall()]
+
+
+def get(conn: psycopg.Connection, node_id: str) -> Node | None:
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {NODE_COLUMNS} FROM agent_fleet_nodes WHERE node_id = %s",
+                    (node_id,))
+        row = cur.fetchone()
+        return None if row is None else Node.from_row(row)
+
+
+def database_now(conn: psycopg.Connection) -> datetime:
+    """The database's clock: a heartbeat's age is measured against the clock that wrote
+    it, not the reader's (which may be off by more than a lease)."""
+    with conn.transaction():
+        return conn.execute("SELECT now()").fetchone()[0]
 
 
 def prune(conn: psycopg.Connection, keep_days: float) -> int:

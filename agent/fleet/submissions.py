@@ -56,5 +56,6 @@ def labels(value: Any) -> tuple[tuple[str, str], ...]:
         if not isinstance(wanted, str):
             raise InvalidRequest(f'"labels.{text(name, "labels")}" must be a string, '
                                  f"not {json_type(wanted)}")
-        pairs.append((text(name, '"labels"'), text(wanted, f'"labels.{name}"')))
+        pairs.append((argv_item(name, 'a name in "labels"'),  # jsonb cannot hold a NUL
+                      argv_item(wanted, f'"labels.{name}"')))
     return tuple(pairs)

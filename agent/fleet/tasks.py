@@ -352,9 +352,11 @@ def ended_keys(conn: psycopg.Connection, keys: Iterable[str]) -> list[str]:
 
 
 def list_tasks(conn: psycopg.Connection, *, state: str | None = None, node: str | None = None,
-               before: int | None = None, limit: int = 100) -> list[FleetTask]:
+               before: int | None = None, limit: int = 100, tails: bool = True
+               ) -> list[FleetTask]:
     """Newest first (by submission), filtered; `before` is the cursor: a seq from the
-    previous page."""
+    previous page. tails=False leaves stdout_tail and stderr_tail None: a page of a
+    listing does not carry up to 128 KiB a task that nobody shows."""
     where, args = ["true"], []
     if state is not None:
         where.append("state = %s")
@@ -366,9 +368,14 @@ def list_tasks(conn: psycopg.Connection, *, state: str | None = None, node: str 
         where.append("seq < %s")
         args.append(before)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"""SELECT {TASK_COLUMNS} FROM agent_fleet_tasks WHERE {' AND '.join(where)}
+        columns = TASK_COLUMNS if tails else _WITHOUT_TAILS
+        cur.execute(f"""SELECT {columns} FROM agent_fleet_tasks WHERE {' AND '.join(where)}
                         ORDER BY seq DESC LIMIT %s""", (*args, limit))
         return [FleetTask.from_row(row) for row in cur.fetchall()]
+
+
+_WITHOUT_TAILS = TASK_COLUMNS.replace("stdout_tail", "NULL::bytea AS stdout_tail").replace(
+    "stderr_tail", "NULL::bytea AS stderr_tail")
 
 
 def prune(conn: psycopg.Connection, keep_days: float, batch: int = 1000) -> int:

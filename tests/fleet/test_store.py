@@ -241,3 +241,24 @@ def test_prune_removes_what_ended_long_enough_ago_and_nothing_running(conn):
     assert tasks.get(conn, "running").state == "running"
     assert conn.execute("SELECT count(*) FROM agent_fleet_attempts WHERE key = 'old'"
                         ).fetchone()[0] == 0
+
+
+def test_a_listing_without_tails_leaves_them_out_and_keeps_the_counts(conn):
+    generation = node(conn)
+    submit(conn, "k")
+    [claim] = tasks.claim(conn, "n1", generation, {}, 1)
+    tasks.report(conn, "k", claim.attempt, "n1", generation,
+                 Report("exited", 0, stdout_tail=b"out", stdout_bytes=3))
+    [bare] = tasks.list_tasks(conn, tails=False)
+    [whole] = tasks.list_tasks(conn)
+    assert (bare.stdout_tail, bare.stdout_bytes) == (None, 3)
+    assert whole.stdout_tail == b"out"
+    assert bare == whole.__class__(**{**whole.__dict__, "stdout_tail": None,
+                                      "stderr_tail": None})
+
+
+def test_one_node_is_read_by_its_id_and_its_age_by_the_databases_clock(conn):
+    node(conn, "n1")
+    found = nodes.get(conn, "n1")
+    assert found.node_id == "n1" and nodes.get(conn, "n2") is None
+    assert nodes.database_now(conn) >= found.heartbeat_at

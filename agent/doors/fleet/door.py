@@ -101,6 +101,10 @@ class FleetDoor(Service):
         self._draining = False
         self.joined = Deferred()
         """Fires once the node has registered (for tests and start-up logs)."""
+        self.claimed = 0
+        """Tasks this node claimed since it started (agent_fleet_claims_total)."""
+        self.reported: dict[str, int] = {}
+        """Results sent, by the database's answer: recorded, already, stale."""
 
     # -- start: schema, resume what a previous run left, register, listen, claim
 
@@ -208,8 +212,14 @@ class FleetDoor(Service):
         d.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(generation, wanted))
         d.addErrback(self._unexpected, "admitting claimed tasks")
 
+    @property
+    def tasks_running(self) -> int:
+        """Fleet tasks this node holds now: claimed, their results not yet recorded."""
+        return len(self._runs)
+
     def _claimed(self, claims: list[Claim], generation: int, wanted: int) -> None:
         self._claiming = False
+        self.claimed += len(claims)
         for claim in claims:
             self._admit(claim, generation)
         if len(claims) == wanted:
@@ -303,6 +313,7 @@ class FleetDoor(Service):
         self._finish(run, d)
 
     def _reported(self, answer: str, run: Run) -> None:
+        self.reported[answer] = self.reported.get(answer, 0) + 1
         if answer == "stale":
             log.warn("fleet task {key}: the late result of attempt {attempt} was refused: the "
                      "attempt is no longer this node's (its lease ran out)",

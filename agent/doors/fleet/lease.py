@@ -90,6 +90,8 @@ class NodeLease:
         self.generation: int | None = None
         self.valid = False
         """True while a renewal holds the lease and the node has not fenced."""
+        self.renewed_at: float | None = None
+        """When (clock time) the last renewal's answer came; None before the first."""
         self._fence_call = None
         self._loop: LoopingCall | None = None
         self._in_flight = False
@@ -154,6 +156,7 @@ class NodeLease:
 
     def _renewed(self, sent: float) -> None:
         self.valid = True
+        self.renewed_at = self._clock.seconds()
         self._disarm()
         fence_at = sent + self.config.lease - self.config.margin
         self._fence_call = self._clock.callLater(max(0.0, fence_at - self._clock.seconds()),
