@@ -1,10 +1,11 @@
 """agent-scheduler --fleet's result lines: a fleet task's record in the TCP door's format.
 
 A script that reads `agent-scheduler --agent` results reads these the same way: command,
-executed_at, duration_ms, exit_code, output, error, id. The fleet adds where the task ran
-(node, node_task_id: its full output is GET /tasks/{node_task_id}/output on that node's
-HTTP door), its state, its attempts, and output_dropped when the record's 64 KiB tail of
-stdout lacks the start of it (the same field a replayed TCP result uses for the same thing).
+executed_at, duration_ms, exit_code, output, error, id. The fleet adds its state, the
+attempt that reported, where it ran (node_id, local_task_id: the whole output is
+GET /tasks/{local_task_id}/output on that node's HTTP door), named as in the HTTP door's
+fleet records, and output_dropped when the record's 64 KiB tail of stdout lacks the start
+of it (the field a replayed TCP result uses for the same thing).
 Pure functions, no I/O.
 """
 from __future__ import annotations
@@ -36,11 +37,11 @@ def result_fields(task: FleetTask) -> dict[str, Any]:
     if ran and dropped:
         fields["output_dropped"] = dropped
     fields["state"] = task.state
-    fields["attempts"] = task.attempt
+    fields["attempt"] = task.attempt
     if task.node_id is not None:
-        fields["node"] = task.node_id
+        fields["node_id"] = task.node_id
     if task.local_task_id is not None:
-        fields["node_task_id"] = task.local_task_id
+        fields["local_task_id"] = task.local_task_id
     return fields
 
 

@@ -15,7 +15,7 @@ def test_a_finished_task_reads_as_a_tcp_result_plus_where_it_ran():
     assert result_fields(task) == {
         "command": ["echo", "hi"], "executed_at": int(T0.timestamp()), "duration_ms": 12.346,
         "exit_code": 0, "output": "hi\n", "error": "", "id": "job-1", "state": "finished",
-        "attempts": 2, "node": "n2", "node_task_id": "fleet:2:job-1"}
+        "attempt": 2, "node_id": "n2", "local_task_id": "fleet:2:job-1"}
 
 
 def test_the_line_is_spaced_as_the_tcp_doors_and_keeps_unicode():
@@ -36,7 +36,7 @@ def test_a_task_cancelled_while_queued_has_no_run_fields():
                       duration_ms=None, started=None, node=None, attempt=0, local_task_id=None)
     assert result_fields(task) == {"command": ["true"], "exit_code": -1,
                                    "error": "cancelled before it started", "id": "k",
-                                   "state": "cancelled", "attempts": 0}
+                                   "state": "cancelled", "attempt": 0}
 
 
 def test_a_lost_task_says_so_and_shows_no_output():
@@ -44,7 +44,7 @@ def test_a_lost_task_says_so_and_shows_no_output():
                       error="started 3 time(s), never finished: its node stopped", attempt=3)
     fields = result_fields(task)
     assert "output" not in fields and "executed_at" not in fields
-    assert (fields["state"], fields["attempts"], fields["exit_code"]) == ("lost", 3, -1)
+    assert (fields["state"], fields["attempt"], fields["exit_code"]) == ("lost", 3, -1)
     summary = Summary()
     summary.count(fields)
     assert summary.failed == 1

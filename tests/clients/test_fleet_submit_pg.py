@@ -102,7 +102,7 @@ async def test_every_result_is_printed_once_while_a_node_runs_the_batch(dsn, nod
     for r in results:
         number = r["id"].split("-")[1]
         assert r["output"] == f"hello {number}\n"
-        assert (r["exit_code"], r["error"], r["state"], r["node"]) == (0, "", "finished",
+        assert (r["exit_code"], r["error"], r["state"], r["node_id"]) == (0, "", "finished",
                                                                        "fake-node")
     assert set(worker.runs.values()) == {1}
     summary = run.submitter.summary

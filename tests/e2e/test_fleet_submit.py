@@ -35,9 +35,9 @@ def test_a_real_agent_runs_the_batch_agent_scheduler_fleet_submits(start_agent, 
     assert (three["output"], three["exit_code"]) == ("out\n", 3)
     assert (slow["exit_code"], slow["error"]) == (-1, "timeout exceeded")
     for result in results.values():
-        assert (result["node"], result["state"], result["attempts"]) == ("e2e-node",
+        assert (result["node_id"], result["state"], result["attempt"]) == ("e2e-node",
                                                                          "finished", 1)
-        assert len(result["node_task_id"]) == 32  # its id there: GET /tasks/{id}/output
+        assert len(result["local_task_id"]) == 32  # its id there: GET /tasks/{id}/output
         assert result["executed_at"] > 0 and result["duration_ms"] >= 0
     assert done.stderr.startswith("agent-scheduler: 3 sent, 1 ok, 1 failed, 1 timed out, "
                                   "0 busy, 0 without result")
