@@ -3,6 +3,7 @@ from the DSN, PGPASSFILE (libpq reads it) or a file of its own, and the settings
 node notice a dead network before its lease runs out. Never logged with its password."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -16,8 +17,18 @@ def parse(dsn: str) -> dict:
     try:
         return conninfo_to_dict(dsn)
     except Exception as e:  # psycopg.ProgrammingError, with libpq's words
+        words = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadDsn(f"--fleet is not a PostgreSQL connection string: "
-                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                     f"{_QUOTED.sub(_hidden, words)}") from None
+
+
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def _hidden(quoted: re.Match) -> str:
+    """libpq quotes the piece of the string it stumbled on, which may be part of the
+    password (`missing "=" after "ret"` for password=sec ret): only "=" is shown."""
+    return quoted[0] if quoted[1] == "=" else '"..."'
 
 
 def with_password_file(dsn: str, password_file: str | None) -> str:

@@ -3,9 +3,10 @@ back, requeue the abandoned, cancel, read and prune. Each function runs one tran
 a psycopg connection the caller owns (agent.fleet.database runs them off the reactor)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import psycopg
+import psycopg.errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -51,6 +52,71 @@ def submit(conn: psycopg.Connection, task: Submission, submitted_by: str | None
     if not existing.is_command(task.command):
         raise FleetKeyConflict(task.key)
     return existing, False
+
+
+DEADLOCK_RETRIES = 5
+
+
+def submit_many(conn: psycopg.Connection, batch: Sequence[Submission], submitted_by: str | None
+                ) -> list[str]:
+    """submit for a batch in one transaction and one INSERT (a submitter's thousands of
+    tasks cost a round trip per batch, not per task): for each submission, in order,
+    'created', 'attached' (its key names a task with the same command) or 'conflict'
+    (another command: that task is left as it is). The same key twice in a batch is
+    created once and attached (or refused) after. Tasks are queued in batch order."""
+    for retry in range(DEADLOCK_RETRIES + 1):
+        try:
+            answers = _submit_batch(conn, batch, submitted_by)
+            break
+        except psycopg.errors.DeadlockDetected:
+            # Two submitters inserting the same keys in different orders: the whole
+            # transaction was rolled back, so trying again is safe.
+            if retry == DEADLOCK_RETRIES:
+                raise
+    gone = [i for i, answer in enumerate(answers) if answer is None]
+    if gone:  # pruned between our two statements: the keys are free now
+        again = submit_many(conn, [batch[i] for i in gone], submitted_by)
+        for i, answer in zip(gone, again):
+            answers[i] = answer
+    return answers
+
+
+def _submit_batch(conn, batch: Sequence[Submission], submitted_by: str | None
+                  ) -> list[str | None]:
+    if not batch:
+        return []
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO agent_fleet_tasks
+                   (key, command, timeout, limits, labels, max_attempts, submitted_by, state)
+               SELECT key, command, timeout, limits, labels, max_attempts, %s, 'queued'
+               FROM unnest(%s::text[], %s::jsonb[], %s::float8[], %s::jsonb[], %s::jsonb[],
+                           %s::int[])
+                    WITH ORDINALITY AS s(key, command, timeout, limits, labels, max_attempts, n)
+               ORDER BY n
+               ON CONFLICT (key) DO NOTHING RETURNING key""",
+            (submitted_by, [t.key for t in batch], [Jsonb(list(t.command)) for t in batch],
+             [t.timeout for t in batch], [Jsonb(dict(t.limits)) for t in batch],
+             [Jsonb(dict(t.labels)) for t in batch], [t.max_attempts for t in batch]))
+        created = {key for (key,) in cur.fetchall()}
+        known = {}
+        others = list({t.key for t in batch} - created)
+        if others:
+            cur.execute("SELECT key, command FROM agent_fleet_tasks WHERE key = ANY(%s)",
+                        (others,))
+            known = {key: tuple(command) for key, command in cur.fetchall()}
+        if created:
+            cur.execute("SELECT pg_notify(%s, '')", (QUEUED,))
+    answers: list[str | None] = []
+    for t in batch:
+        if t.key in created and t.key not in known:
+            known[t.key] = tuple(t.command)
+            answers.append("created")
+        elif t.key not in known:
+            answers.append(None)
+        else:
+            answers.append("attached" if known[t.key] == tuple(t.command) else "conflict")
+    return answers
 
 
 def claim(conn: psycopg.Connection, node_id: str, generation: int, labels: dict, limit: int
@@ -273,6 +339,16 @@ def ended(conn: psycopg.Connection, keys: Iterable[str]) -> list[FleetTask]:
                         WHERE key = ANY(%s) AND state IN ('finished', 'cancelled', 'lost')""",
                     (list(keys),))
         return [FleetTask.from_row(row) for row in cur.fetchall()]
+
+
+def ended_keys(conn: psycopg.Connection, keys: Iterable[str]) -> list[str]:
+    """Those of the keys whose tasks have ended, without their results: a submitter's
+    cheap look for results its notifications missed."""
+    with conn.transaction():
+        return [key for (key,) in conn.execute(
+            """SELECT key FROM agent_fleet_tasks
+               WHERE key = ANY(%s) AND state IN ('finished', 'cancelled', 'lost')""",
+            (list(keys),))]
 
 
 def list_tasks(conn: psycopg.Connection, *, state: str | None = None, node: str | None = None,
