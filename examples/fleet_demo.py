@@ -21,6 +21,7 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from agent.fleet import dsn as dsns  # noqa: E402
 from agent.fleet import nodes, schema, tasks  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 
@@ -114,8 +115,9 @@ def main() -> int:
                      .splitlines() if line.strip()]
             batch.write_text("".join(json.dumps({**request, "id": f"{prefix}input-{i}"}) + "\n"
                                      for i, request in enumerate(lines, 1)))
-            say("agent-scheduler --fleet examples/input.json (each line gets an id: its key)")
-            subprocess.run([*SCHEDULER, "--fleet", dsn, str(batch)], cwd=REPO, check=False)
+            say("agent-scheduler --fleet --timeout-unit ms examples/input.json (ids are keys)")
+            subprocess.run([*SCHEDULER, "--fleet", dsn, "--timeout-unit", "ms", str(batch)],
+                           cwd=REPO, check=False)
 
             say("three long tasks (sleep 6, then echo)")
             for i in range(1, 4):
@@ -148,7 +150,7 @@ def main() -> int:
             say("fleet history of this run")
             show_history(conn, prefix)
             say(f"the fleet keeps running: submit with\n  .venv/bin/agent-scheduler --fleet "
-                f"'{server.dsn_without_password}' FILE\n(password in "
+                f"'{dsns.for_log(dsn)}' FILE\n(password in "
                 f"{DATA / 'postgres' / 'agent.password'}, or PGPASSWORD). Ctrl-C stops it all.")
             signal.pause()
     except KeyboardInterrupt:
