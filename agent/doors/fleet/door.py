@@ -99,6 +99,7 @@ class FleetDoor(Service):
         self._claiming = False
         self._joining: Deferred | None = None
         self._draining = False
+        self._closed = False
         self.joined = Deferred()
         """Fires once the node has registered (for tests and start-up logs)."""
         self.claimed = 0
@@ -358,7 +359,7 @@ class FleetDoor(Service):
     @inlineCallbacks
     def _send_until_answered(self, f, *args):
         delay = 0.5
-        while True:
+        while not self._closed:
             try:
                 return (yield self._work.run(f, *args))
             except Unavailable:
@@ -460,6 +461,7 @@ class FleetDoor(Service):
                 log.warn("fleet node {node} could not say it stopped; its lease runs out "
                          "instead", node=self.config.node_id)
         self.lease.stop()
+        self._closed = True  # what still waits for the database gives up: the lease ends it
         yield self._listener.stop()
         yield self._work.close()
         yield self._beat.close()
