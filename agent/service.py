@@ -35,6 +35,7 @@ from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
 from agent.runner.process import CLEANUP_DEADLINE, start_task
 from agent.runner.procinfo import kill_left_behind, proc_stat
+from agent.runner.watchdog import Watchdog
 
 log = Logger()
 
@@ -44,17 +45,21 @@ class AgentService(MultiService):
 
     def __init__(self, engine: Engine, reactor, store: Store | None = None,
                  shutdown_grace: float = 0.0, handle_signals: bool = False,
-                 escapees: EscapeeReaper | None = None, log_observer=None):
+                 escapees: EscapeeReaper | None = None, watchdog: Watchdog | None = None,
+                 log_observer=None):
         """handle_signals: the agent's own process (twistd), where a second
         SIGTERM/SIGINT while stopping should cut the grace short. escapees:
         kills what left a task's group, last when stopping (after the tasks).
-        log_observer: what twistd should log through (--log-format json), set on
-        the application this service joins."""
+        watchdog: the process that kills the task groups if the agent dies; told
+        "bye" when stopping, once the tasks have ended. log_observer: what
+        twistd should log through (--log-format json), set on the application
+        this service joins."""
         self._log_observer = log_observer
         super().__init__()
         self.engine = engine
         self.store = store
         self.escapees = escapees
+        self.watchdog = watchdog
         self.shutdown_grace = shutdown_grace
         self.handle_signals = handle_signals
         self._reactor = reactor
@@ -80,6 +85,8 @@ class AgentService(MultiService):
             self.store.start()
         if self.escapees is not None:
             self.escapees.start()
+        if self.watchdog is not None:  # before a door can start a task
+            self.watchdog.start()
         super().startService()
 
     def stopService(self):
@@ -88,6 +95,8 @@ class AgentService(MultiService):
         ended = self._end_every_task()
         if self.escapees is not None:
             ended.addCallback(lambda _: self.escapees.stop())
+        if self.watchdog is not None:
+            ended.addCallback(lambda _: self.watchdog.stop())
         if self.store is not None:  # after the tasks, so their records reach the disk too
             ended.addCallback(lambda _: self.store.close())
         stopped = gatherResults([stopped, ended], consumeErrors=True)
@@ -203,7 +212,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     """The one place the agent is wired, for makeService and for the tests.
 
     own_process: the agent is the whole process (twistd), so it may take
-    process-wide things: signal handlers, child-subreaper status (escapees).
+    process-wide things: signal handlers, child-subreaper status (escapees),
+    and a watchdog process that kills its task groups if it dies.
     start: how a task's process is started (tests pass a fake spawner).
     """
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
@@ -215,13 +225,18 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     metrics = Metrics(live=lambda: engine.live.values(), health=store.health,
                       usage=lambda: store.last_usage,
                       escapees_killed=lambda: None if escapees is None else escapees.killed)
+    watchdog = Watchdog(reactor) if own_process else None
+    observers = [release.observe, retention.observe, metrics.observe]
+    cleanup_observers = [metrics.observe_cleanup]
+    if watchdog is not None:
+        observers.insert(0, watchdog.observe)  # first: a task is guarded as soon as it starts
+        cleanup_observers.append(watchdog.observe_cleanup)
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe, retention.observe, metrics.observe],
-                    cleanup_observers=[metrics.observe_cleanup],
+                    observers=observers, cleanup_observers=cleanup_observers,
                     refusal_observers=[metrics.refused], allow=options.allow)
     escapees = EscapeeReaper(reactor, engine.live.keys) if own_process else None
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
-                         handle_signals=own_process, escapees=escapees,
+                         handle_signals=own_process, escapees=escapees, watchdog=watchdog,
                          log_observer=JsonLines() if options["log-format"] == "json" else None)
     release.setServiceParent(agent)
     retention.setServiceParent(agent)
