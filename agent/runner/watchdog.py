@@ -14,8 +14,8 @@ sends lease(seconds) after each renewal of the node's lease, and the
 watchdog SIGKILLs the fenced groups when that much time passes with no new
 one, even while the agent is stopped or cut off; it says so, and this logs it.
 
-Each message is written at once, not at the reactor's next turn, so a task
-is guarded from the moment it starts. If the watchdog dies, another is
+Each watch is written at once, not at the reactor's next turn, so a task
+is guarded from the moment it starts (a forget may wait to share its write). If the watchdog dies, another is
 started (at most one a second) and told every watched group and the lease.
 """
 from __future__ import annotations
@@ -45,6 +45,12 @@ not restarted in a loop."""
 STOP_TIMEOUT = 5.0
 """Seconds a watchdog told "bye" has to exit before it is SIGKILLed."""
 
+FORGET_DELAY = 1.0
+"""Most seconds a "forget" waits to go with the next "watch" in one write: a
+watch must be written at once, a forget only keeps the watchdog from killing
+an empty group's number, which the kernel hands out again only after going
+round every other pid. Serial tasks then cost one write each, not two."""
+
 
 def is_fleet_task(task) -> bool:
     """Fleet tasks are fenced: they must not outlive the node's lease."""
@@ -69,6 +75,9 @@ class Watchdog:
         """pgid -> fenced: what the watchdog is told, and told again if it restarts."""
         self._lease_until: float | None = None
         """When the lease runs out, on the reactor's clock (to tell a new watchdog)."""
+        self._forgets: dict[int, None] = {}
+        """Groups forgotten here and not yet in the pipe (see FORGET_DELAY), in order."""
+        self._forget_call = None
         self._running = False
         self._process: _WatchdogProtocol | None = None
         self._writer = None
@@ -89,6 +98,7 @@ class Watchdog:
         """At a clean stop, after the tasks have ended: "bye", and wait for the exit."""
         self._running = False
         self._cancel("_restart_call")
+        self._cancel("_forget_call")
         if self._process is None:
             return succeed(None)
         if self._stopped is None:
@@ -116,12 +126,19 @@ class Watchdog:
     # -- messages
 
     def watch(self, pgid: int, fenced: bool = False) -> None:
+        """Written at once, with the forgets waiting (a new task's group may have
+        a forgotten one's number: its forget goes no further)."""
         self._watched[wire.checked_pgid(pgid)] = fenced
-        self._send(wire.Watch(pgid, fenced))
+        self._forgets.pop(pgid, None)
+        self._send(*self._take_forgets(), wire.Watch(pgid, fenced))
 
     def forget(self, pgid: int) -> None:
-        if self._watched.pop(pgid, None) is not None:
-            self._send(wire.Forget(pgid))
+        """Written with the next watch, or within FORGET_DELAY."""
+        if self._watched.pop(pgid, None) is None:
+            return
+        self._forgets[pgid] = None
+        if self._forget_call is None and self._writer is not None and self._stopped is None:
+            self._forget_call = self._reactor.callLater(FORGET_DELAY, self._send_forgets)
 
     def lease(self, seconds: float) -> None:
         """The node holds its lease for `seconds` more: fenced groups live that long
@@ -139,9 +156,19 @@ class Watchdog:
         """pgid -> fenced, as the watchdog was told (a copy)."""
         return dict(self._watched)
 
-    def _send(self, message) -> None:
+    def _send(self, *messages) -> None:
+        """One write for them all: one syscall, one wake-up of the watchdog."""
         if self._writer is not None and self._stopped is None:
-            self._writer.write(wire.encode(message))
+            self._writer.write(b"".join(map(wire.encode, messages)))
+
+    def _take_forgets(self) -> list[wire.Forget]:
+        self._cancel("_forget_call")
+        forgets, self._forgets = self._forgets, {}
+        return [wire.Forget(pgid) for pgid in forgets]
+
+    def _send_forgets(self) -> None:
+        self._forget_call = None
+        self._send(*self._take_forgets())
 
     # -- the process
 
@@ -162,11 +189,13 @@ class Watchdog:
         log.info("watchdog {pid} started: task groups die with the agent", pid=transport.pid)
 
     def _tell_everything(self) -> None:
-        """A new watchdog learns what the last one knew."""
-        for pgid, fenced in self._watched.items():
-            self._send(wire.Watch(pgid, fenced))
+        """A new watchdog learns what the last one knew (and has nothing to forget)."""
+        self._take_forgets()
+        messages = [wire.Watch(pgid, fenced) for pgid, fenced in self._watched.items()]
         if self._lease_until is not None:
-            self._send(wire.Lease(max(0.0, self._lease_until - self._reactor.seconds())))
+            messages.append(wire.Lease(max(0.0, self._lease_until - self._reactor.seconds())))
+        if messages:
+            self._send(*messages)
 
     def _restart_later(self) -> None:
         if not self._running or self._restart_call is not None:

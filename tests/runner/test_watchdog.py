@@ -10,17 +10,21 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from agent.runner import watchdog_wire as wire
-from agent.runner.watchdog import RESTART_INTERVAL, STOP_TIMEOUT, Watchdog
+from agent.runner.watchdog import FORGET_DELAY, RESTART_INTERVAL, STOP_TIMEOUT, Watchdog
 
 
 class FakeWriter:
     def __init__(self):
-        self.data = b""
+        self.writes: list[bytes] = []
         self.closed = False
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "written after close"
-        self.data += data
+        self.writes.append(data)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.writes)
 
     def close(self) -> None:
         self.closed = True
@@ -130,8 +134,30 @@ def test_a_group_is_forgotten_once_its_cleanup_is_known(clock, launcher):
     running = task(pid=500)
     watchdog.observe(running)
     watchdog.observe_cleanup(running)
-    assert launcher.writer.lines == ["watch 500", "forget 500"]
     assert watchdog.watched == {}
+    assert launcher.writer.lines == ["watch 500"], "a forget may wait a little"
+    clock.advance(FORGET_DELAY)
+    assert launcher.writer.lines == ["watch 500", "forget 500"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_watch_is_written_at_once_and_takes_the_waiting_forgets_along(clock, launcher):
+    watchdog = started(clock, launcher)
+    for pid in (500, 501):
+        watchdog.observe(task(pid=pid))
+        watchdog.observe_cleanup(task(pid=pid))
+    assert launcher.writer.writes == [b"watch 500\n", b"forget 500\nwatch 501\n"]
+    assert clock.getDelayedCalls()[0].getTime() == clock.seconds() + FORGET_DELAY
+
+
+def test_a_new_group_with_a_forgotten_ones_number_is_not_forgotten(clock, launcher):
+    watchdog = started(clock, launcher)
+    watchdog.watch(500)
+    watchdog.forget(500)
+    watchdog.watch(500, fenced=True)  # the kernel gave the number to a new task
+    clock.advance(FORGET_DELAY)
+    assert launcher.writer.lines == ["watch 500", "watch 500 fenced"]
+    assert watchdog.watched == {500: True}
 
 
 def test_a_group_never_watched_is_not_forgotten_aloud(clock, launcher):
@@ -195,10 +221,13 @@ def test_a_watchdog_that_dies_is_replaced_and_told_everything(clock, launcher, l
     watchdog.watch(501, fenced=True)
     watchdog.lease(30)
     clock.advance(20)
+    watchdog.watch(502)
+    watchdog.forget(502)
     launcher.die()
     clock.advance(0)
     assert len(launcher.started) == 2, "started again at once: the last start was long ago"
-    assert launcher.writer.lines == ["watch 500", "watch 501 fenced", "lease 10.0"]
+    assert launcher.writer.writes == [b"watch 500\nwatch 501 fenced\nlease 10.0\n"]
+    assert clock.getDelayedCalls() == [], "nothing left to forget"
     assert launcher.started[0][2].closed
     errors = [_text(e) for e in logged if e.get("log_level").name == "error"]
     assert errors == ["watchdog 9000 ended (A process has ended with a probable error "

@@ -12,7 +12,7 @@ import pytest
 
 from agent.runner import watchdog_main
 from agent.runner import watchdog_wire as wire
-from agent.runner.watchdog_main import MAX_WAIT, Guard, serve
+from agent.runner.watchdog_main import MAX_WAIT, REST, Guard, serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +38,7 @@ class ScriptedAgent:
         self.arrivals = list(arrivals)
         self.written: list[bytes] = []
         self.waits: list[float | None] = []
+        self.rests: list[float] = []
 
     def wait(self, timeout: float | None) -> bool:
         self.waits.append(timeout)
@@ -53,10 +54,24 @@ class ScriptedAgent:
         return True
 
     def read(self) -> bytes:
-        return self.arrivals.pop(0)[1]
+        """Everything that has arrived by now, as one read of a pipe would give."""
+        data = b""
+        while self.arrivals and self.arrivals[0][0] <= self.now:
+            chunk = self.arrivals.pop(0)[1]
+            if not chunk:  # the end comes on a read of its own
+                if data:
+                    self.arrivals.insert(0, (self.now, chunk))
+                return data
+            data += chunk
+        return data
+
+    def rest(self, seconds: float) -> None:
+        self.rests.append(seconds)
+        self.now += seconds
 
     def serve(self, guard: Guard) -> str:
-        return serve(guard, self.read, self.written.append, self.wait, lambda: self.now)
+        return serve(guard, self.read, self.written.append, self.wait, lambda: self.now,
+                     self.rest)
 
 
 def lines(*messages) -> bytes:
@@ -105,7 +120,8 @@ def test_a_bad_line_is_reported_and_the_next_one_still_counts():
 
 
 def test_an_endless_line_is_dropped_with_a_report_not_kept():
-    agent = ScriptedAgent(*[(0, b"7" * 4096)] * 3, (0, b"\n" + lines(wire.Watch(100))), (1, EOF))
+    agent = ScriptedAgent(*[(t, b"7" * 4096) for t in (0, 0.1, 0.2)],
+                          (0.3, b"\n" + lines(wire.Watch(100))), (1, EOF))
     guard = Guard(Kills())
     agent.serve(guard)
     assert agent.written[0].startswith(b"error a line longer than 4096 bytes")
@@ -138,7 +154,7 @@ def test_the_fence_falls_at_the_deadline_not_before():
     assert guard.expire(9.999) == ()
     assert kills.groups == []
     assert guard.expire(10.0) == (100,)
-    assert guard.watched == {}
+    assert guard.watched == set() and guard.fenced == set()
 
 
 def test_a_renewed_lease_keeps_the_fenced_groups_alive():
@@ -187,8 +203,27 @@ def test_sleeps_are_bounded_while_a_lease_runs_out():
     """A suspended machine's poll does not count the suspend: short sleeps, a boot-time clock."""
     agent = ScriptedAgent((0, lines(wire.Watch(100, fenced=True), wire.Lease(2.5))), (10, EOF))
     agent.serve(Guard(Kills()))
-    assert agent.waits[1:4] == [MAX_WAIT, MAX_WAIT, 0.5]
+    assert agent.rests == [REST]
+    assert agent.waits[1:4] == [MAX_WAIT, MAX_WAIT, pytest.approx(0.5 - REST)]
     assert agent.waits[4] is None, "nothing fenced is left: back to sleeping until the agent speaks"
+
+
+def test_lines_that_come_while_it_rests_are_read_at_once():
+    """The rest after each read: one wake-up for many tasks' lines, not two per task."""
+    kills = Kills()
+    arrivals = [(n * 0.001, lines(wire.Watch(1000 + n), wire.Forget(1000 + n))) for n in range(40)]
+    agent = ScriptedAgent(*arrivals, (1, lines(wire.Watch(7))), (2, EOF))
+    agent.serve(Guard(kills))
+    assert len(agent.rests) == 3, "the first task, the 39 that came while it rested, the last"
+    assert kills.groups == [7]
+
+
+def test_a_rest_never_oversleeps_the_lease():
+    kills = Kills()
+    agent = ScriptedAgent((0, lines(wire.Watch(100, fenced=True), wire.Lease(0.01))), (5, EOF))
+    agent.serve(Guard(kills))
+    assert agent.rests == [pytest.approx(0.01)]
+    assert agent.written == [b"fenced 100\n"]
 
 
 def test_the_watchdogs_clock_counts_time_suspended_where_it_can():
