@@ -15,8 +15,9 @@ watchdog SIGKILLs the fenced groups when that much time passes with no new
 one, even while the agent is stopped or cut off; it says so, and this logs it.
 
 Each watch is written at once, not at the reactor's next turn, so a task
-is guarded from the moment it starts (a forget may wait to share its write). If the watchdog dies, another is
-started (at most one a second) and told every watched group and the lease.
+is guarded from the moment it starts (a forget may wait to share a write).
+If the watchdog dies, another is started (at most one a second) and told
+every watched group and the lease.
 """
 from __future__ import annotations
 
@@ -162,13 +163,15 @@ class Watchdog:
             self._writer.write(b"".join(map(wire.encode, messages)))
 
     def _take_forgets(self) -> list[wire.Forget]:
-        self._cancel("_forget_call")
+        """The forgets waiting, now to be sent. Their timer is left to fire (and
+        maybe find none): arming and cancelling one per task costs more than it."""
         forgets, self._forgets = self._forgets, {}
         return [wire.Forget(pgid) for pgid in forgets]
 
     def _send_forgets(self) -> None:
         self._forget_call = None
-        self._send(*self._take_forgets())
+        if self._forgets:
+            self._send(*self._take_forgets())
 
     # -- the process
 
@@ -191,6 +194,7 @@ class Watchdog:
     def _tell_everything(self) -> None:
         """A new watchdog learns what the last one knew (and has nothing to forget)."""
         self._take_forgets()
+        self._cancel("_forget_call")
         messages = [wire.Watch(pgid, fenced) for pgid, fenced in self._watched.items()]
         if self._lease_until is not None:
             messages.append(wire.Lease(max(0.0, self._lease_until - self._reactor.seconds())))

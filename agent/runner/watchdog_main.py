@@ -12,8 +12,8 @@ the agent itself is stopped (SIGSTOP) or cut off, and it says so on stdout.
 
 It ignores SIGTERM, SIGINT, SIGHUP and SIGPIPE (a service manager stopping
 the agent must still let the agent give its tasks their grace) and holds
-nothing but its three pipes (see let_go_of_everything_else). It imports only the standard library, so it starts quickly and
-stays small.
+nothing but its three pipes (see let_go_of_everything_else). It imports
+only the standard library, so it starts quickly and stays small.
 
     python -m agent.runner.watchdog_main
 """
@@ -143,7 +143,8 @@ def serve(guard: Guard, read: Callable[[], bytes], write: Callable[[bytes], None
                 if _received(guard, line, write, now) == "bye":
                     return "bye"
             if len(pending) > wire.MAX_LINE:
-                write(wire.encode(wire.Trouble(f"a line longer than {wire.MAX_LINE} bytes, dropped")))
+                too_long = f"a line longer than {wire.MAX_LINE} bytes, dropped"
+                write(wire.encode(wire.Trouble(too_long)))
                 pending = b""
             limit = guard.wait_limit(now(), REST)
             rest(REST if limit is None else limit)

@@ -77,7 +77,7 @@ async def test_when_the_lease_runs_out_the_fenced_group_dies_and_the_other_lives
     watchdog.watch(fenced, fenced=True)
     watchdog.watch(free)
     watchdog.lease(1.0)
-    assert await eventually(lambda: not group_members(fenced)), "the fenced group outlived its lease"
+    assert await eventually(lambda: not group_members(fenced)), "it outlived its lease"
     assert len(group_members(free)) == 3, "an unfenced group does not depend on the lease"
     assert await eventually(lambda: fenced not in watchdog.watched), "the agent heard of it"
     assert watchdog.watched == {free: False}
