@@ -165,6 +165,8 @@ class Watchdog:
     def _take_forgets(self) -> list[wire.Forget]:
         """The forgets waiting, now to be sent. Their timer is left to fire (and
         maybe find none): arming and cancelling one per task costs more than it."""
+        if not self._forgets:
+            return []
         forgets, self._forgets = self._forgets, {}
         return [wire.Forget(pgid) for pgid in forgets]
 
