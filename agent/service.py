@@ -35,6 +35,7 @@ from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
 from agent.runner.process import CLEANUP_DEADLINE, start_task
 from agent.runner.procinfo import kill_left_behind, proc_stat
+from agent.runner.watchdog import Watchdog
 
 log = Logger()
 
@@ -44,17 +45,21 @@ class AgentService(MultiService):
 
     def __init__(self, engine: Engine, reactor, store: Store | None = None,
                  shutdown_grace: float = 0.0, handle_signals: bool = False,
-                 escapees: EscapeeReaper | None = None, log_observer=None):
+                 escapees: EscapeeReaper | None = None, watchdog: Watchdog | None = None,
+                 log_observer=None):
         """handle_signals: the agent's own process (twistd), where a second
         SIGTERM/SIGINT while stopping should cut the grace short. escapees:
         kills what left a task's group, last when stopping (after the tasks).
-        log_observer: what twistd should log through (--log-format json), set on
-        the application this service joins."""
+        watchdog: the process that kills the task groups if the agent dies; told
+        "bye" when stopping, once the tasks have ended. log_observer: what
+        twistd should log through (--log-format json), set on the application
+        this service joins."""
         self._log_observer = log_observer
         super().__init__()
         self.engine = engine
         self.store = store
         self.escapees = escapees
+        self.watchdog = watchdog
         self.shutdown_grace = shutdown_grace
         self.handle_signals = handle_signals
         self._reactor = reactor
@@ -80,6 +85,8 @@ class AgentService(MultiService):
             self.store.start()
         if self.escapees is not None:
             self.escapees.start()
+        if self.watchdog is not None:  # before a door can start a task
+            self.watchdog.start()
         super().startService()
 
     def stopService(self):
@@ -88,6 +95,8 @@ class AgentService(MultiService):
         ended = self._end_every_task()
         if self.escapees is not None:
             ended.addCallback(lambda _: self.escapees.stop())
+        if self.watchdog is not None:
+            ended.addCallback(lambda _: self.watchdog.stop())
         if self.store is not None:  # after the tasks, so their records reach the disk too
             ended.addCallback(lambda _: self.store.close())
         stopped = gatherResults([stopped, ended], consumeErrors=True)
@@ -203,7 +212,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     """The one place the agent is wired, for makeService and for the tests.
 
     own_process: the agent is the whole process (twistd), so it may take
-    process-wide things: signal handlers, child-subreaper status (escapees).
+    process-wide things: signal handlers, child-subreaper status (escapees),
+    and a watchdog process that kills its task groups if it dies.
     start: how a task's process is started (tests pass a fake spawner).
     """
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
@@ -216,15 +226,20 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
                       usage=lambda: store.last_usage,
                       escapees_killed=lambda: None if escapees is None else escapees.killed,
                       fleet=lambda: _fleet_gauges(agent.fleet, reactor))
+    watchdog = Watchdog(reactor) if own_process else None
     fleet_doors: list = []  # told of every task's end: a slot a fleet task may take
+    observers = [release.observe, retention.observe, metrics.observe,
+                 partial(_tell_each, fleet_doors)]
+    cleanup_observers = [metrics.observe_cleanup]
+    if watchdog is not None:
+        observers.insert(0, watchdog.observe)  # first: a task is guarded as soon as it starts
+        cleanup_observers.append(watchdog.observe_cleanup)
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe, retention.observe, metrics.observe,
-                               partial(_tell_each, fleet_doors)],
-                    cleanup_observers=[metrics.observe_cleanup],
+                    observers=observers, cleanup_observers=cleanup_observers,
                     refusal_observers=[metrics.refused], allow=options.allow)
     escapees = EscapeeReaper(reactor, engine.live.keys) if own_process else None
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
-                         handle_signals=own_process, escapees=escapees,
+                         handle_signals=own_process, escapees=escapees, watchdog=watchdog,
                          log_observer=JsonLines() if options["log-format"] == "json" else None)
     release.setServiceParent(agent)
     retention.setServiceParent(agent)
@@ -241,7 +256,7 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
           then=partial(_say_how_protected, protected)).setServiceParent(agent)
     agent.fleet = None
     if options.fleet_dsn is not None:
-        agent.fleet = _fleet_door(options, reactor, engine, lane)
+        agent.fleet = _fleet_door(options, reactor, engine, lane, watchdog)
         fleet_doors.append(agent.fleet)
         agent.fleet.setServiceParent(agent)
     if options["http"]:
@@ -268,7 +283,8 @@ def _tell_each(doors: list, task) -> None:
         door.observe(task)
 
 
-def _fleet_door(options: Options, reactor, engine: Engine, lane: Lane):
+def _fleet_door(options: Options, reactor, engine: Engine, lane: Lane,
+                watchdog: Watchdog | None):
     """This node as a worker of the fleet's queue: two connections (claims and reports;
     heartbeats) and a listening one, each on its own thread."""
     from agent.doors.fleet.door import FleetDoor
@@ -286,7 +302,8 @@ def _fleet_door(options: Options, reactor, engine: Engine, lane: Lane):
         beat=Database(reactor, dsn, "heartbeat"), config=config,
         generation_file=GenerationFile(Path(options["data-dir"]) / "fleet-generation"),
         listener=partial(Listener, reactor, dsn, (tasks.QUEUED, tasks.CANCEL)),
-        where=dsns.for_log(dsn), kill_grace=options["kill-grace"], poll=options["fleet-poll"],
+        where=dsns.for_log(dsn), watchdog=watchdog, kill_grace=options["kill-grace"],
+        poll=options["fleet-poll"],
         drain_timeout=options["shutdown-grace"] + 10.0, keep_days=options["keep-days"])
 
 

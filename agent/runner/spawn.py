@@ -107,22 +107,30 @@ class LargeChunkReader(process.ProcessReader):
 
 
 class GroupProcess(process.Process):
-    """A Process whose child leads a new process group (pgid == pid)."""
+    """A Process whose child leads a new process group (pgid == pid), or a new
+    session (and so a new group too) with new_session."""
 
     processReaderFactory = LargeChunkReader
 
-    def __init__(self, *args, rlimits: Sequence[tuple[int, tuple[int, int]]] = (), **kwargs):
-        # setrlimit calls for the child; posix_spawn cannot make them, so they
-        # force the fork path. Set before Process.__init__, which spawns.
+    def __init__(self, *args, rlimits: Sequence[tuple[int, tuple[int, int]]] = (),
+                 new_session: bool = False, ignore_signals: Sequence[int] = (), **kwargs):
+        # setrlimit calls for the child, and signals it starts with ignored;
+        # posix_spawn cannot make them, so they force the fork path. Set before
+        # Process.__init__, which spawns.
         self.rlimits = list(rlimits)
+        self.new_session = new_session
+        self.ignore_signals = list(ignore_signals)
         super().__init__(*args, **kwargs)
 
     def _trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs):
-        if uid is not None or gid is not None or path is not None or self.rlimits:
+        if uid is not None or gid is not None or path is not None or self.rlimits \
+                or self.ignore_signals:
             return False
         fdmap = kwargs["fdmap"]
         if any(parent_fd < 3 for parent_fd in fdmap.values()):
             return False  # the simple dup2 plan below would clobber a source fd
+        # not both: glibc makes the session first, and a session leader may not setpgid
+        leads = {"setsid": True} if self.new_session else {"setpgroup": 0}
         with fdlimit.original_limit_held(max(fdmap.values(), default=2)) as inherited:
             self.pid = os.posix_spawnp(
                 executable,
@@ -130,7 +138,7 @@ class GroupProcess(process.Process):
                 environment,
                 file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()],
                 setsigdef=ignored_signals(signal.NSIG),  # Python ignores SIGPIPE; a task must not
-                setpgroup=0,
+                **leads,
             )
         self.status = -1
         if not inherited:
@@ -155,8 +163,13 @@ class GroupProcess(process.Process):
             raise OSError(code, os.strerror(code), executable)
 
     def _setupChild(self, fdmap):
-        os.setpgid(0, 0)
-        super()._setupChild(fdmap)
+        if self.new_session:
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
+        super()._setupChild(fdmap)  # which ends by giving every signal its default action
+        for number in self.ignore_signals:  # SIG_IGN survives exec: no moment unprotected
+            signal.signal(number, signal.SIG_IGN)
 
     def _execChild(self, path, uid, gid, executable, args, environment):
         os.set_inheritable(self._exec_report_fd, False)  # closed by a successful exec
@@ -188,14 +201,20 @@ def _give_back_open_file_limit(pid: int) -> None:
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
                    cwd: str | None = None, child_fds: Mapping[int, object] | None = None,
-                   limits: Sequence[tuple[str, int]] = (), executable: str | None = None):
+                   limits: Sequence[tuple[str, int]] = (), executable: str | None = None,
+                   new_session: bool = False, ignore_signals: Sequence[int] = ()):
     """Start argv as a new process group connected to protocol; raise OSError if it cannot start.
 
     argv[0] without a slash is searched on PATH; with one it is relative to
     the task's working directory, unless executable names the file to run.
-    limits are (name, value) pairs of RLIMITS.
+    limits are (name, value) pairs of RLIMITS. new_session: in a session of
+    its own as well (setsid), out of reach of the terminal's and the agent's
+    group signals. ignore_signals: signals the program starts with ignored,
+    before its first instruction (a program that ignores them itself would
+    die of one that comes while it starts).
     """
     environment = environment_bytes() if env is None else dict(env)  # the agent's, as it is now
     return GroupProcess(reactor, executable or argv[0], list(argv), environment, cwd, protocol,
                         childFDs=dict(child_fds or {0: "w", 1: "r", 2: "r"}),
-                        rlimits=resolve_limits(limits))
+                        rlimits=resolve_limits(limits), new_session=new_session,
+                        ignore_signals=ignore_signals)

@@ -83,15 +83,58 @@ def _alive(pid: int) -> bool:
 WORK = ("sh", "-c", "sleep 300 & sleep 3; echo done")
 
 
+def test_kill_9_of_an_agent_ends_its_whole_task_group_and_another_node_runs_the_task(
+        db, fleet_agents):
+    agents = fleet_agents(5)
+    submit(db, "job", *WORK)
+    running = reaches(db, "job", "running")
+    victim = agents[running.node_id]
+    groups = until(lambda: task_groups(victim), 10, "the task's group")
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(5)
+    assert victim.survivors(timeout=5) == []  # the watchdog ended the group, grandchild too
+    assert all(group_members(pgid) == [] for pgid in groups)
+    done = reaches(db, "job", "finished", "lost")
+    assert (done.state, done.stdout_tail, done.attempt) == ("finished", b"done\n", 2)
+    assert done.node_id != running.node_id
+    assert [(a.node_id, a.ending) for a in done.attempts] == [
+        (running.node_id, "abandoned"), (done.node_id, "exited")]
+
+
+def test_a_stopped_agent_s_tasks_die_before_the_task_runs_elsewhere_and_its_late_result_is_refused(
+        db, fleet_agents):
+    agents = fleet_agents(5)
+    submit(db, "job", *WORK)
+    running = reaches(db, "job", "running")
+    victim = agents[running.node_id]
+    groups = until(lambda: task_groups(victim), 10, "the task's group")
+    victim.proc.send_signal(signal.SIGSTOP)
+    try:
+        until(lambda: all(group_members(pgid) == [] for pgid in groups), 15,
+              "the stopped agent's task group to be killed by its watchdog")
+        group_died_at = time.time()
+        second = until(lambda: (t := tasks.get(db, "job")).attempt == 2 and t.attempts[1], 15,
+                       "the task to start on another node")
+        assert group_died_at < second.started_at.timestamp() + 0.05  # (slack: polling)
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+    victim.wait_for_log("joined the fleet", count=2, timeout=15)  # a new generation
+    done = reaches(db, "job", "finished")
+    assert done.node_id != running.node_id and done.attempt == 2
+    assert [a.node_id for a in done.attempts] == [running.node_id, done.node_id]
+    assert "no longer holds this node's lease" in victim.log or "self-fence" in victim.log
+    victim._wait_for(lambda: "was refused" in victim.log or "now stale" in victim.log, 10,
+                     "the stale attempt's result to be refused")  # and the record kept b's
+    assert tasks.get(db, "job").node_id == done.node_id
+
+
 def test_cancel_by_key_from_a_submitter_ends_the_task_on_its_node(db, fleet_agents):
     agents = fleet_agents(5)
     submit(db, "long", "sleep", "300")
     running = reaches(db, "long", "running")
     groups = until(lambda: task_groups(agents[running.node_id]), 10, "the task's group")
-    asked = time.monotonic()
     tasks.cancel(db, "long")
     done = reaches(db, "long", "cancelled", timeout=10)
-    print(f"cancel took {time.monotonic() - asked:.3f} s")
     assert (done.ending, done.node_id) == ("cancelled", running.node_id)
     assert all(group_members(pgid) == [] for pgid in groups)
 
