@@ -124,7 +124,12 @@ def claim(conn: psycopg.Connection, node_id: str, generation: int, labels: dict,
     """Up to `limit` queued tasks whose labels the node has, oldest first, now running
     on this node as their next attempt; none unless the node's lease is valid (a node
     that was declared dead must register again before it claims)."""
-    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+    with conn.transaction():
+        return _claim(conn, node_id, generation, labels, limit)
+
+
+def _claim(conn, node_id: str, generation: int, labels: dict, limit: int) -> list[Claim]:
+    with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """WITH node AS (
                    SELECT 1 FROM agent_fleet_nodes
@@ -184,30 +189,44 @@ def report(conn: psycopg.Connection, key: str, attempt: int, node_id: str, gener
     """Record an attempt's result: 'recorded'; 'already' when this very result was
     recorded before (a retry after a lost connection); 'stale' when the attempt is no
     longer this node's (its lease ran out, the task was queued again): refused."""
-    fence = {"key": key, "attempt": attempt, "node": node_id, "gen": generation}
     with conn.transaction():
-        cur = conn.execute(
-            f"""UPDATE agent_fleet_tasks
-                SET state = %(state)s, ended_at = now(), ending = %(ending)s,
-                    exit_code = %(exit_code)s, error = %(error)s, duration_ms = %(duration)s,
-                    stdout_tail = %(stdout)s, stderr_tail = %(stderr)s,
-                    stdout_bytes = %(stdout_bytes)s, stderr_bytes = %(stderr_bytes)s,
-                    local_task_id = %(local)s
-                WHERE {_STILL_MINE}""",
-            dict(fence, state="cancelled" if result.cancelled else "finished",
-                 ending=result.ending, exit_code=result.exit_code, error=result.error,
-                 duration=result.duration_ms, stdout=result.stdout_tail,
-                 stderr=result.stderr_tail, stdout_bytes=result.stdout_bytes,
-                 stderr_bytes=result.stderr_bytes, local=result.local_task_id))
-        if cur.rowcount:
-            _end_attempt(conn, key, attempt, result.ending, result.exit_code, result.error)
-            conn.execute("SELECT pg_notify(%s, %s)", (ENDED, key))
-            return "recorded"
-        row = conn.execute(
-            """SELECT 1 FROM agent_fleet_tasks WHERE key = %s AND attempt = %s AND node_id = %s
-               AND state IN ('finished', 'cancelled') AND local_task_id IS NOT DISTINCT FROM %s""",
-            (key, attempt, node_id, result.local_task_id)).fetchone()
-        return "already" if row is not None else "stale"
+        return _report(conn, key, attempt, node_id, generation, result)
+
+
+def report_and_claim(conn: psycopg.Connection, key: str, attempt: int, node_id: str,
+                     generation: int, result: Report, claim_generation: int, labels: dict,
+                     limit: int) -> tuple[str, list[Claim]]:
+    """A node's task ended and its slot is free: the result and the next claim in one
+    transaction, so a busy node pays one commit a task, not two."""
+    with conn.transaction():
+        return (_report(conn, key, attempt, node_id, generation, result),
+                _claim(conn, node_id, claim_generation, labels, limit))
+
+
+def _report(conn, key: str, attempt: int, node_id: str, generation: int, result: Report) -> str:
+    fence = {"key": key, "attempt": attempt, "node": node_id, "gen": generation}
+    cur = conn.execute(
+        f"""UPDATE agent_fleet_tasks
+            SET state = %(state)s, ended_at = now(), ending = %(ending)s,
+                exit_code = %(exit_code)s, error = %(error)s, duration_ms = %(duration)s,
+                stdout_tail = %(stdout)s, stderr_tail = %(stderr)s,
+                stdout_bytes = %(stdout_bytes)s, stderr_bytes = %(stderr_bytes)s,
+                local_task_id = %(local)s
+            WHERE {_STILL_MINE}""",
+        dict(fence, state="cancelled" if result.cancelled else "finished",
+             ending=result.ending, exit_code=result.exit_code, error=result.error,
+             duration=result.duration_ms, stdout=result.stdout_tail,
+             stderr=result.stderr_tail, stdout_bytes=result.stdout_bytes,
+             stderr_bytes=result.stderr_bytes, local=result.local_task_id))
+    if cur.rowcount:
+        _end_attempt(conn, key, attempt, result.ending, result.exit_code, result.error)
+        conn.execute("SELECT pg_notify(%s, %s)", (ENDED, key))
+        return "recorded"
+    row = conn.execute(
+        """SELECT 1 FROM agent_fleet_tasks WHERE key = %s AND attempt = %s AND node_id = %s
+           AND state IN ('finished', 'cancelled') AND local_task_id IS NOT DISTINCT FROM %s""",
+        (key, attempt, node_id, result.local_task_id)).fetchone()
+    return "already" if row is not None else "stale"
 
 
 def give_back(conn: psycopg.Connection, key: str, attempt: int, node_id: str, generation: int,

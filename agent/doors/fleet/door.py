@@ -199,12 +199,17 @@ class FleetDoor(Service):
             return UNLIMITED_BATCH - len(self._runs)
         return lane.limit - lane.running - lane.waiting
 
-    def _claim_soon(self) -> None:
+    def _claim_wanted(self) -> int:
+        """How many tasks to claim now: 0 while a claim is in flight, the node drains or
+        holds no valid lease."""
         if (self._claiming or self._draining or not self.lease.valid
                 or self.lease.generation is None):
-            return
-        wanted = self._free_slots()
-        if wanted <= 0:
+            return 0
+        return max(0, self._free_slots())
+
+    def _claim_soon(self) -> None:
+        wanted = self._claim_wanted()
+        if not wanted:
             return
         self._claiming = True
         generation = self.lease.generation
@@ -307,13 +312,38 @@ class FleetDoor(Service):
             self._report(run, report_of(outcome, run.sink, run.task.id, run.cancel_asked))
 
     def _report(self, run: Run, report: Report) -> None:
+        """Record the result; when the freed slot may take another task, claim it in the
+        same transaction (one commit a task on a busy node instead of two)."""
         claim = run.claim
-        d = self._send(tasks.report, claim.key, claim.attempt, self.config.node_id,
-                       run.generation, report)
+        fenced = (claim.key, claim.attempt, self.config.node_id, run.generation, report)
+        wanted = self._claim_wanted()
+        if not wanted:
+            d = self._send(tasks.report, *fenced)
+        else:
+            self._claiming = True
+            generation = self.lease.generation
+            d = self._send(tasks.report_and_claim, *fenced, generation, self.config.labels,
+                           wanted)
+            d.addCallbacks(self._reported_and_claimed, self._claim_failed_too,
+                           callbackArgs=(generation, wanted))
         d.addCallback(self._reported, run)
         self._finish(run, d)
 
-    def _reported(self, answer: str, run: Run) -> None:
+    def _reported_and_claimed(self, answer_and_claims, generation: int, wanted: int) -> str:
+        if answer_and_claims is None:  # the door closed before the database answered
+            self._claiming = False
+            return None
+        answer, claims = answer_and_claims
+        self._claimed(claims, generation, wanted)
+        return answer
+
+    def _claim_failed_too(self, failure):
+        self._claiming = False
+        return failure
+
+    def _reported(self, answer: str | None, run: Run) -> None:
+        if answer is None:
+            return
         self.reported[answer] = self.reported.get(answer, 0) + 1
         if answer == "stale":
             log.warn("fleet task {key}: the late result of attempt {attempt} was refused: the "
