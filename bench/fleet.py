@@ -5,6 +5,7 @@
   to the same five agents' TCP doors, in the same run;
 - latency: submit-to-start on an idle fleet (one task at a time; the database's own
   timestamps: queued at submit, running at claim), p50 and p99;
+- cancel: cancel by key of a running task to its record saying cancelled;
 - redelivery: kill -9 of the agent running a task, to the task running on another node
   (default lease, 10 s).
 """
@@ -95,7 +96,23 @@ def latency(conn, samples: int) -> dict:
             "max_ms": round(waits[-1], 2)}
 
 
-def redelivery(conn, agents: list[Agent]) -> dict:
+def cancel_latency(conn, samples: int = 20) -> dict:
+    """Cancel by key of a running task, to its record saying cancelled (its node ended it)."""
+    waits = []
+    for i in range(samples):
+        key = f"cancel{time.time_ns()}-{i}"
+        tasks.submit(conn, Submission(key, ("sleep", "60")), "bench")
+        until(lambda: tasks.get(conn, key).state == "running", 30, key)
+        asked = time.perf_counter()
+        tasks.cancel(conn, key)
+        until(lambda: tasks.get(conn, key).state == "cancelled", 30, f"{key} cancelled")
+        waits.append((time.perf_counter() - asked) * 1000)
+    waits.sort()
+    return {"samples": samples, "p50_ms": round(statistics.median(waits), 1),
+            "max_ms": round(waits[-1], 1)}
+
+
+def redelivery(conn, agents: list[Agent], lease: float) -> dict:
     key = f"redeliver{time.time_ns()}"
     tasks.submit(conn, Submission(key, ("sleep", "60")), "bench")
     running = until(lambda: (t := tasks.get(conn, key)).state == "running" and t, 30, key)
@@ -105,7 +122,7 @@ def redelivery(conn, agents: list[Agent]) -> dict:
     again = until(lambda: (t := tasks.get(conn, key)).attempt == 2 and t.state == "running"
                   and t, 60, "the task to run again")
     tasks.cancel(conn, key)
-    return {"lease_s": 10, "kill_to_running_elsewhere_s":
+    return {"lease_s": lease, "kill_to_running_elsewhere_s":
             round(again.started_at.timestamp() - killed_at, 2), "node": again.node_id}
 
 
@@ -116,18 +133,22 @@ def main(argv=None) -> int:
     parser.add_argument("--agents", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--cancel-samples", type=int, default=20)
+    parser.add_argument("--lease", type=float, default=10.0, help="the agents' --fleet-lease")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="agent-bench-fleet-") as work, \
             PostgresServer(Path(tempfile.mkdtemp(prefix="agent-bench-pg-"))) as server:
         dsn = server.create_database("bench")
         with psycopg.connect(dsn, autocommit=True) as conn:
             schema.migrate(conn)
-            agents = start_agents(dsn, options.agents, "--parallel", str(options.parallel))
+            agents = start_agents(dsn, options.agents, "--parallel", str(options.parallel),
+                                  "--fleet-lease", str(options.lease))
             try:
                 results = {
                     "throughput": throughput(dsn, agents, options.tasks, Path(work)),
                     "latency": latency(conn, options.latency_samples),
-                    "redelivery": redelivery(conn, agents),
+                    "cancel": cancel_latency(conn, options.cancel_samples),
+                    "redelivery": redelivery(conn, agents, options.lease),
                 }
             finally:
                 for agent in agents:

@@ -25,3 +25,17 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path):
                                                                          "start-up"}
     assert all(row["result"] in ("pass", "FAIL", "skipped") for row in document["rows"])
     assert document["machine"]["cores"] >= 1
+
+
+def test_the_fleet_bench_runs_and_prints_its_figures(postgres_server):
+    """make bench-fleet, tiny: it needs PostgreSQL's binaries, as the fleet's tests do."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--tasks", "40", "--agents", "2",
+         "--latency-samples", "3", "--cancel-samples", "2", "--lease", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["throughput"]["fleet"]["tasks_per_s"] > 0
+    assert figures["throughput"]["direct"]["tasks_per_s"] > 0
+    assert figures["latency"]["samples"] == 3 and figures["cancel"]["samples"] == 2
+    assert 0 < figures["redelivery"]["kill_to_running_elsewhere_s"] < 30
