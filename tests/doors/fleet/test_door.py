@@ -159,3 +159,24 @@ def _some_finished(fleet, count: int):
             return False
         return n >= count
     return check
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_prunes_the_fleet_tables_by_keep_days_when_it_joins(fleet, make_node):
+    first = await make_node("first")
+    await fleet.submit("old", "true")
+    await fleet.submit("recent", "true")
+    await fleet.reaches("old", "finished")
+    await fleet.reaches("recent", "finished")
+    await first.stop()
+    await fleet.sql("UPDATE agent_fleet_tasks SET ended_at = now() - interval '3 days' "
+                    "WHERE key = 'old' RETURNING key")
+    await fleet.sql("UPDATE agent_fleet_nodes SET ended_at = now() - interval '3 days' "
+                    "WHERE node_id = 'first' RETURNING node_id")
+    await make_node("second", extra=("--keep-days", "2"))
+
+    async def pruned():
+        return await fleet.get("old") is None
+    await fleet.until(pruned, 10, "the old task to be pruned")
+    assert (await fleet.get("recent")).state == "finished"
+    assert await fleet.sql("SELECT node_id FROM agent_fleet_nodes ORDER BY 1") == [("second",)]
