@@ -20,6 +20,7 @@ import os
 
 import _signal  # the C half of signal: getsignal without the enum wrapping
 from twisted.internet import process as _process
+from twisted.internet import tcp as _tcp
 
 PROCESS_HOOKS: dict[str, tuple[str, ...]] = {
     "_trySpawnInsteadOfFork": ("path", "uid", "gid", "executable", "args", "environment",
@@ -55,6 +56,24 @@ def twisted_reaps(pid: int) -> bool:
     reactor does not say which pids it is waiting for.
     """
     return pid in _process.reapProcessHandlers
+
+
+SIGCHLD_HOOK = "agent.runner.child"
+"""The key of the agent's handler among Twisted's reap handlers: no pid, so never a child's."""
+
+
+def hook_sigchld(handler) -> None:
+    """Have Twisted's SIGCHLD handling call handler.reapProcess() on every SIGCHLD.
+
+    Twisted's reactor answers SIGCHLD by calling reapProcess() on each value of
+    twisted.internet.process.reapProcessHandlers (reapAllProcesses), a dict it
+    keys by pid for the Processes it started; the handler goes in under
+    SIGCHLD_HOOK, which is no pid, so nothing Twisted does for a pid touches it.
+    agent.runner.child reaps its children there. No public alternative: the
+    reactor's SIGCHLD handling reaps only for spawnProcess, and installing a
+    second SIGCHLD handler would replace the reactor's.
+    """
+    _process.reapProcessHandlers.setdefault(SIGCHLD_HOOK, handler)
 
 
 def ignored_signals(nsig: int) -> list[int]:
@@ -108,3 +127,20 @@ def forget_exit_signal(reactor) -> None:
     """
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None
+
+
+def socket_idle(transport) -> bool:
+    """Whether transport is a plain socket connection (twisted.internet.tcp.Connection:
+    TCP or Unix, not TLS) that holds nothing unsent and may still be written to, so
+    bytes sent straight on its socket cannot overtake bytes it has buffered.
+
+    Reads FileDescriptor.dataBuffer, .offset and ._tempDataLen (what write() has
+    buffered and doWrite not yet sent) and ._writeDisconnecting/._writeDisconnected
+    (a half-close asked for or done). No public alternative: write() always
+    buffers until the reactor's next turn, and a transport does not say whether
+    it holds anything.
+    """
+    return (isinstance(transport, _tcp.Connection) and transport.connected
+            and not transport.disconnecting and not transport._writeDisconnecting
+            and not transport._writeDisconnected and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer))

@@ -1,16 +1,30 @@
 """The bare limits the agent is compared with, measured in the same run.
 
+- spawn: a Python loop of os.posix_spawn + waitpid of /bin/true, what the
+  serial case is compared with (and two of them, in two processes, what the
+  parallel case is compared with);
+- output: the same producer the agent's large-output task runs
+  (`yes LINE | head -c N`) writing straight into a loopback TCP socket that
+  this process reads to the end: the bytes must at least cross a socket, so
+  that is the floor of any agent that sends them to a client.
+
 `python -m bench.baseline spawn-loop N` is the loop run in the parallel
 baseline's worker processes: it prints how long N spawns took.
 """
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 
 TRUE = "/bin/true"
+
+OUTPUT_LINE = (bytes(c for c in range(32, 127) if c not in b'"\\') * 2)[:79].decode("ascii")
+"""Printable ASCII with neither quote nor backslash: in JSON only the newline `yes`
+adds needs escaping, so the agent's encoding is measured, not the escaping of odd text."""
 
 
 def spawn_loop(count: int) -> list[float]:
@@ -50,11 +64,47 @@ def parallel_spawn_rate(processes: int, seconds: float) -> float:
     return sum(rates)
 
 
-def cat_seconds(path: str) -> float:
-    """Wall seconds of `cat path > /dev/null`, process start included."""
-    started = time.perf_counter()
-    subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - started
+def producer_argv(size: int) -> list[str]:
+    """`size` bytes of OUTPUT_LINE lines on stdout, the agent's task and the floor's alike."""
+    return ["sh", "-c", 'yes "$0" | head -c "$1"', OUTPUT_LINE, str(size)]
+
+
+def socket_floor_seconds(size: int, buffer: bytearray | None = None) -> float:
+    """Wall seconds from spawning the producer with a loopback TCP socket as its stdout
+    to the last of its `size` bytes received here (into one preallocated buffer, as the
+    agent's client receives its result line)."""
+    if buffer is None or len(buffer) <= size:
+        buffer = bytearray(size + 1)  # room for one byte more, to tell "too much" from EOF
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        writer = socket.create_connection(listener.getsockname())
+        reader, _ = listener.accept()
+    with reader:
+        started = time.perf_counter()
+        try:
+            argv = producer_argv(size)
+            pid = os.posix_spawnp(argv[0], argv, os.environ,
+                                  file_actions=[(os.POSIX_SPAWN_DUP2, writer.fileno(), 1)],
+                                  setsigdef=[signal.SIGPIPE])  # as the agent's tasks get it
+        finally:
+            writer.close()  # the producer holds the only write end: its exit is our EOF
+        received = _receive_to_end(reader, buffer)
+        took = time.perf_counter() - started
+        os.waitpid(pid, 0)
+    if received != size:
+        raise RuntimeError(f"the producer wrote {received} bytes, not {size}")
+    return took
+
+
+def _receive_to_end(sock: socket.socket, buffer: bytearray) -> int:
+    received = 0
+    with memoryview(buffer) as view:
+        while True:
+            if received == len(buffer):
+                raise RuntimeError(f"the producer wrote more than {len(buffer)} bytes")
+            n = sock.recv_into(view[received:])
+            if not n:
+                return received
+            received += n
 
 
 def _repo() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import shutil
@@ -25,19 +24,17 @@ import time
 
 from bench import client
 from bench.agentproc import Agent
-from bench.cases_tcp import _write_text_file
+from bench.cases_tcp import output_request
 from bench.table import MIB
 
 _FRAME = re.compile(r"(?P<name>.*) \((?P<path>.*?):\d+\)$")
 
 
-def workload(name: str, agent: Agent, seconds: float, tmp: str) -> str:
+def workload(name: str, agent: Agent, seconds: float) -> str:
     """Drive the agent for about `seconds`; return what was done."""
     deadline, done = time.perf_counter() + seconds, 0
     if name == "output":
-        path = os.path.join(tmp, "output.txt")
-        _write_text_file(path, 200 * MIB)
-        request = json.dumps({"command": ["cat", path]}).encode() + b"\n"
+        request = output_request(200 * MIB)
         while time.perf_counter() < deadline:
             client.one_big_result(agent.tcp_port, request, 200 * MIB)
             done += 1
@@ -98,7 +95,7 @@ def main(argv=None) -> int:
         time.sleep(1.0)
         cpu = agent.cpu_seconds()
         began = time.perf_counter()
-        what = workload(args.workload, agent, args.seconds, tmp)
+        what = workload(args.workload, agent, args.seconds)
         took = time.perf_counter() - began
         cpu = agent.cpu_seconds() - cpu
         recorder.send_signal(signal.SIGINT)

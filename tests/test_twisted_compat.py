@@ -13,6 +13,7 @@ import inspect
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,11 @@ from types import SimpleNamespace
 
 import _signal
 import pytest
+import pytest_twisted
 import twisted
 from twisted.application import app
 from twisted.internet import base, process
+from twisted.internet.defer import Deferred
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import _ISupportsExitSignalCapturing
@@ -66,6 +69,78 @@ def test_twisted_keeps_the_pids_it_reaps_in_reapProcessHandlers():
     finally:
         child.kill()
         child.wait()
+
+
+# --- FileDescriptor.dataBuffer, offset, _tempDataLen, _writeDisconnect* --------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_transport_says_when_it_holds_nothing_unsent():
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+
+    accepted = Deferred()
+    factory = Factory.forProtocol(Protocol)
+    factory.buildProtocol = lambda addr: _Accepted(accepted)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        transport = (await accepted).transport
+        for name in ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting",
+                     "_writeDisconnected"):
+            assert hasattr(transport, name), changed(TWISTED, f"FileDescriptor.{name} (gone)")
+        assert compat.socket_idle(transport)
+        transport.write(b"x")  # buffered until the reactor's next turn
+        assert not compat.socket_idle(transport), \
+            changed(TWISTED, "where FileDescriptor.write keeps what it has not sent")
+        transport.doWrite()
+        assert compat.socket_idle(transport), changed(TWISTED, "FileDescriptor.doWrite")
+        transport.loseWriteConnection()
+        assert not compat.socket_idle(transport), \
+            changed(TWISTED, "FileDescriptor._writeDisconnecting (not set by a half-close)")
+        assert not compat.socket_idle(StringTransport()), "only a real socket may be written to"
+        transport.loseConnection()
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+class _Accepted:
+    """A protocol that fires a Deferred with itself once connected."""
+
+    def __init__(self, accepted):
+        self.accepted = accepted
+
+    def makeConnection(self, transport):
+        self.transport = transport
+        self.accepted.callback(self)
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass
+
+
+# --- process.reapProcessHandlers as SIGCHLD's hook ----------------------------------------
+
+def test_a_handler_hooked_on_sigchld_is_asked_to_reap_on_each_sigchld():
+    calls = []
+    handler = SimpleNamespace(reapProcess=lambda: calls.append("reap"))
+    saved = dict(process.reapProcessHandlers)
+    try:
+        process.reapProcessHandlers.pop(compat.SIGCHLD_HOOK, None)
+        compat.hook_sigchld(handler)
+        compat.hook_sigchld(SimpleNamespace(reapProcess=lambda: calls.append("second")))
+        process.reapAllProcesses()  # what the reactor calls on SIGCHLD
+        assert calls == ["reap"], changed(TWISTED, "reapAllProcesses (no longer asks every "
+                                                   "value of reapProcessHandlers)")
+        assert "process.reapAllProcesses()" in inspect.getsource(
+            importlib.import_module("twisted.internet._signals")), \
+            changed(TWISTED, "the reactor's SIGCHLD handling (no longer calls reapAllProcesses)")
+    finally:
+        process.reapProcessHandlers.clear()
+        process.reapProcessHandlers.update(saved)
 
 
 # --- _signal.getsignal -----------------------------------------------------------------------

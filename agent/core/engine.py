@@ -202,10 +202,15 @@ class Engine:
         task.runner = self._start_task(self._reactor, task.request.command, self._sink_for(task),
                                        timeout=task.request.timeout, limits=task.request.limits,
                                        **run_options)
-        if not task.runner.finished:
-            self._notify(task)
+        # "running" once the child has its pid (a busy agent starts it on a thread:
+        # agent.runner.spawner); not at all if it could not start
+        task.runner.spawned.addCallback(self._spawned, task)
         task.runner.ended.addCallback(self._finished, task, lane)
         task.runner.cleaned.addCallback(self._cleaned, task)
+
+    def _spawned(self, running: bool, task: Task) -> None:
+        if running:
+            self._notify(task)
 
     def _sink_for(self, task: Task) -> OutputSink:
         return _Tee((task.sink, self._history.tap(task)))

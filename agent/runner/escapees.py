@@ -26,8 +26,9 @@ from typing import Callable, Collection
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from agent._twisted_compat import twisted_reaps
 from agent.runner import procinfo
+from agent.runner.child import is_task_child
+from agent.runner.spawner import may_reap_strangers
 
 log = Logger()
 
@@ -73,11 +74,19 @@ def descendants_of(pid: int) -> list[int]:
 
 
 def is_task_process(pid: int) -> bool:
-    """A process the agent started through Twisted (a task), which Twisted reaps."""
-    return twisted_reaps(pid)
+    """A process the agent started as a task, which the runner (or Twisted) reaps."""
+    return is_task_child(pid)
 
 
 def _reap(pid: int) -> None:
+    """Reap a zombie that is no task; not while the spawn thread may have started a
+    child the runner does not know yet (agent.runner.spawner): the next look will.
+
+    Asked again here, and in this order: the sweep decided pid was no task before
+    reading /proc (which lets the spawn thread run), and a child that thread has
+    just started is among the unknown ones before it stops `spawning`."""
+    if not may_reap_strangers() or is_task_process(pid):
+        return
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

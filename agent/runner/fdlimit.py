@@ -10,6 +10,7 @@ over 1023, and a task should not inherit what only the agent needed.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -32,6 +33,8 @@ for whatever the store's thread opens in those microseconds."""
 
 _original: tuple[int, int] | None = None
 _raised: tuple[int, int] | None = None
+_held = threading.Lock()
+"""One spawn at a time may hold the limit down (the reactor's, or the spawn thread's)."""
 
 
 def children_limit() -> tuple[int, int] | None:
@@ -78,15 +81,27 @@ def original_limit_held(highest_fd: int) -> Iterator[bool]:
     if highest_fd + SPARE_DESCRIPTORS >= _original[0]:
         yield False
         return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, _original)
-    except (ValueError, OSError):
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, _raised)
+    with _held:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, _original)
+        except (ValueError, OSError):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, _raised)
+
+
+def give_back(pid: int) -> None:
+    """Set a child's open-file limit from outside, at once, when the agent holds
+    too many descriptors to lower its own around the spawn: the program has only
+    just started, but it may have read its limit (or forked) already."""
+    if _original is not None:
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, _original)
+        except OSError:
+            pass  # already gone: nothing left to limit
 
 
 def forget_raise() -> None:

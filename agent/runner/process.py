@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from agent._twisted_compat import twisted_reaps
 from agent.core.outcome import Ending, Outcome, signal_name
+from agent.runner.child import is_task_child
+from agent.runner.spawner import may_reap_strangers
 from agent.runner.spawn import spawn_in_group
 
 DRAIN_GRACE = 0.5
@@ -45,7 +46,6 @@ class StdoutCollector:
     def __init__(self):
         self.chunks: list[bytes] = []
         self.sizes = {1: 0, 2: 0}
-        self._readers = 1
 
     def received(self, fd: int, data: bytes) -> None:
         self.sizes[fd] = self.sizes.get(fd, 0) + len(data)
@@ -55,23 +55,6 @@ class StdoutCollector:
     def text(self) -> str:
         """stdout decoded as UTF-8, invalid bytes replaced, so JSON stays valid."""
         return b"".join(self.chunks).decode("utf-8", "replace")
-
-    def share(self) -> None:
-        """One more reader of the same output (a retry of the same id) will drain it."""
-        self._readers += 1
-
-    def drain(self) -> Iterator[bytes]:
-        """stdout chunk by chunk; the last reader forgets each chunk as it is handed
-        out, so a large output's memory is given back while its result is being sent."""
-        if self._readers > 1:
-            self._readers -= 1
-            return iter(list(self.chunks))
-        return self._drain()
-
-    def _drain(self) -> Iterator[bytes]:
-        self.chunks.reverse()
-        while self.chunks:
-            yield self.chunks.pop()
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -87,14 +70,18 @@ def _reap_leftovers(pgid: int) -> None:
     The agent is a child subreaper (agent.runner.escapees), so what a task leaves in
     its group when its leader exits becomes the agent's child, and a zombie
     still counts as a member of the group until its parent reaps it. The
-    leader itself is Twisted's to reap: on meeting it, stop.
+    leader itself is the runner's to reap: on meeting it, stop; and while the spawn
+    thread may have started a child the runner does not know yet, reap nothing
+    (the group then still looks alive, and the check comes back).
     """
+    if not may_reap_strangers():
+        return
     while True:
         try:
             found = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return  # none of the group's members is the agent's child
-        if found is None or twisted_reaps(found.si_pid):
+        if found is None or is_task_child(found.si_pid):
             return
         try:
             os.waitpid(found.si_pid, os.WNOHANG)
@@ -150,8 +137,9 @@ class TaskProcess(ProcessProtocol):
     def __init__(self, clock, sink: OutputSink, timeout: float | None = None,
                  output_limit: int | None = None, drain_grace: float = DRAIN_GRACE,
                  killpg: Callable[[int, int], None] = _killpg,
-                 group_alive: Callable[[int], bool] = _group_alive):
+                 group_alive: Callable[[int], bool] = _group_alive, argv0: str = "?"):
         self._clock = clock
+        self._argv0 = argv0
         self._sink = sink
         self._timeout = timeout
         self._stdout_left = output_limit
@@ -162,8 +150,13 @@ class TaskProcess(ProcessProtocol):
         self._exit_status: error.ProcessTerminated | error.ProcessDone | None = None
         self._forced: tuple[Ending, str] | None = None
         self.ended: Deferred[Outcome] = Deferred()
+        self.spawned: Deferred[bool] = Deferred()
+        """Fires True once the child runs and has its pid, False if it could not start."""
         self.cleaned: Deferred[bool] = Deferred()
         """Fires after `ended`: True once the task's group is verified empty."""
+        self._start: object | None = None
+        """A start waiting for the spawn thread (agent.runner.child), while it waits."""
+        self._cancel_when_spawned: tuple[str, float] | None = None
         self.finished = False
         self.pid: int | None = None
         # The clock starts as the spawn begins: a short child may already be
@@ -172,10 +165,32 @@ class TaskProcess(ProcessProtocol):
 
     # -- the child's life, as Twisted reports it
 
+    def awaiting_spawn(self, start) -> None:
+        """The child is to be started on the spawn thread; start.drop() gives it up."""
+        self._start = start
+
     def connectionMade(self):
         self.pid = self.transport.pid
+        if self._start is not None:  # started on the thread, maybe after a wait: it runs now
+            self._start = None
+            self.started_at = self._clock.seconds()
         if self._timeout:
             self._arm("timeout", self._timeout, self._end_by_agent, Ending.TIMED_OUT, TIMEOUT_ERROR)
+        self.spawned.callback(True)
+        if self._cancel_when_spawned is not None:
+            self.cancel(*self._cancel_when_spawned)
+
+    def start_failed(self, error: Exception) -> None:
+        """The child could not be started (the spawn thread's answer, agent.runner.spawner)."""
+        self._never_started(Outcome.start_failed(_start_error(self._argv0, error)))
+
+    def _never_started(self, outcome: Outcome) -> None:
+        self._start = None
+        if not self.finished:
+            self.finished = True
+            self.spawned.callback(False)
+            self.ended.callback(outcome)
+            self.cleaned.callback(True)
 
     def childDataReceived(self, fd, data):
         if self.finished:
@@ -204,6 +219,12 @@ class TaskProcess(ProcessProtocol):
     def cancel(self, error_message: str = "cancelled", grace: float = 0.0) -> None:
         """End the task: SIGTERM and SIGKILL after grace seconds, or SIGKILL now."""
         if self.finished:
+            return
+        if self.transport is None:  # waiting for the spawn thread
+            if self._start is not None and self._start.drop():
+                self._never_started(Outcome(Ending.CANCELLED, -1, error_message))
+            else:  # the thread has it: as soon as it runs
+                self._cancel_when_spawned = (error_message, grace)
             return
         if self._forced:  # already ending gracefully: a cancel without grace cuts it short
             if grace <= 0 and "kill" in self._timers:
@@ -298,15 +319,13 @@ def start_task(reactor, argv: Sequence[str], sink: OutputSink, timeout: float | 
     it); else argv[0]. A task that cannot start gets an Outcome at once
     (START_FAILED) whose error carries the operating system's reason.
     """
-    runner = TaskProcess(reactor, sink, timeout, **runner_options)
+    runner = TaskProcess(reactor, sink, timeout, argv0=argv[0], **runner_options)
     spawn_options = {} if executable is None else {"executable": executable}
     try:
         spawn(reactor, runner, argv, env=env, cwd=cwd, child_fds={0: _devnull(), 1: "r", 2: "r"},
               limits=limits, **spawn_options)
     except (OSError, ValueError) as e:
-        runner.finished = True
-        runner.ended.callback(Outcome.start_failed(_start_error(argv[0], e)))
-        runner.cleaned.callback(True)
+        runner.start_failed(e)
     return runner
 
 

@@ -1,20 +1,18 @@
 """Start a child as the leader of its own process group.
 
-Twisted's Process already uses posix_spawnp when it can, but it neither puts
-the child in a new process group nor keeps the per-spawn cost flat: it
-inspects every open descriptor of the agent (thousands under load) on each
-spawn. GroupProcess asks posix_spawnp for a new group and only maps the
-child's own descriptors (Python opens everything else close-on-exec).
-
-posix_spawn cannot change directory, so a task with its own cwd takes the
-fork path; there an error pipe reports a failed exec as an OSError in the
-parent, exactly like posix_spawnp does, so "could not start" is never
-confused with a program that exited 1.
+A task that posix_spawnp can start (the usual one) gets pipes for its output
+and posix_spawnp with a new process group, and is then read and watched by
+agent.runner.child.SpawnedChild. posix_spawn cannot change directory or set
+resource limits, so a task with its own cwd or limits takes Twisted's fork
+path (GroupProcess); there an error pipe reports a failed exec as an OSError
+in the parent, exactly like posix_spawnp does, so "could not start" is never
+confused with a program that exited 1. Either way only the child's own
+descriptors are mapped (Python opens everything else close-on-exec), so the
+cost of a spawn does not grow with the thousands of descriptors the agent may hold.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import signal
 from typing import Mapping, Sequence
@@ -29,17 +27,7 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 from agent._twisted_compat import environment_bytes, ignored_signals
 from agent.runner import fdlimit
-
-READ_CHUNK = 1 << 20
-"""Bytes taken from a pipe per read; Twisted's stock reader takes 8 KiB."""
-
-PIPE_SIZE = 1 << 20
-"""Kernel buffer asked for an output pipe its writer fills, so a fast writer blocks less."""
-
-DEFAULT_PIPE_SIZE = 1 << 16
-"""Linux's pipe capacity: a read this large means the writer had filled the pipe."""
-
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+from agent.runner.child import DEFAULT_PIPE_SIZE, READ_CHUNK, grow_pipe, spawn_child
 
 RLIMITS = {"cpu_s": ("RLIMIT_CPU", 1, 1), "memory_mb": ("RLIMIT_AS", 1 << 20, 0),
            "nofile": ("RLIMIT_NOFILE", 1, 0)}
@@ -73,14 +61,7 @@ fail after the fork, and the task would seem to have run and exited 1."""
 
 class LargeChunkReader(process.ProcessReader):
     """Reads a child's pipe a megabyte at a time instead of 8 KiB, and grows the
-    pipe to PIPE_SIZE once the child has filled it.
-
-    Growing every pipe at once would charge each task 2 MiB of pipe buffers
-    to the agent's user, whatever it writes: 1000 quiet tasks would hold
-    2 GiB against fs.pipe-user-pages-soft (64 MiB), past which Linux gives
-    an unprivileged user's new pipes two pages. It also cost two fcntl calls
-    per task that most tasks never needed.
-    """
+    pipe once the child has filled it (agent.runner.child.grow_pipe)."""
 
     _grown = False
 
@@ -94,60 +75,32 @@ class LargeChunkReader(process.ProcessReader):
         if not data:
             return CONNECTION_DONE
         if len(data) >= DEFAULT_PIPE_SIZE and not self._grown:
-            self._grow()
+            self._grown = True
+            grow_pipe(self.fd)
         self.dataReceived(data)
         return None
 
-    def _grow(self) -> None:
-        self._grown = True
-        try:
-            fcntl.fcntl(self.fd, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # over fs.pipe-max-size or the user's pipe quota, or not Linux: keep it
-
 
 class GroupProcess(process.Process):
-    """A Process whose child leads a new process group (pgid == pid), or a new
-    session (and so a new group too) with new_session."""
+    """A forked child that leads a new process group (pgid == pid), or a new session
+    (and so a new group too) with new_session: for what posix_spawn cannot do (a
+    working directory, resource limits, a session, signals ignored from the start)."""
 
     processReaderFactory = LargeChunkReader
 
     def __init__(self, *args, rlimits: Sequence[tuple[int, tuple[int, int]]] = (),
                  new_session: bool = False, ignore_signals: Sequence[int] = (), **kwargs):
-        # setrlimit calls for the child, and signals it starts with ignored;
-        # posix_spawn cannot make them, so they force the fork path. Set before
-        # Process.__init__, which spawns.
+        # setrlimit calls, setsid and ignored signals for the child, made after the
+        # fork. Set before Process.__init__, which forks.
         self.rlimits = list(rlimits)
         self.new_session = new_session
         self.ignore_signals = list(ignore_signals)
         super().__init__(*args, **kwargs)
 
     def _trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs):
-        if uid is not None or gid is not None or path is not None or self.rlimits \
-                or self.ignore_signals:
-            return False
-        fdmap = kwargs["fdmap"]
-        if any(parent_fd < 3 for parent_fd in fdmap.values()):
-            return False  # the simple dup2 plan below would clobber a source fd
-        # not both: glibc makes the session first, and a session leader may not setpgid
-        leads = {"setsid": True} if self.new_session else {"setpgroup": 0}
-        with fdlimit.original_limit_held(max(fdmap.values(), default=2)) as inherited:
-            self.pid = os.posix_spawnp(
-                executable,
-                args,
-                environment,
-                file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fdmap.items()],
-                setsigdef=ignored_signals(signal.NSIG),  # Python ignores SIGPIPE; a task must not
-                **leads,
-            )
-        self.status = -1
-        if not inherited:
-            _give_back_open_file_limit(self.pid)
-        return True
+        return False  # Twisted's own posix_spawnp would not start a new process group
 
     def _fork(self, path, uid, gid, executable, args, environment, **kwargs):
-        if self._trySpawnInsteadOfFork(path, uid, gid, executable, args, environment, kwargs):
-            return
         report_r, report_w = os.pipe()
         self._exec_report_fd = report_w
         fdmap = {**kwargs.pop("fdmap"), report_w: report_w}
@@ -187,16 +140,27 @@ class GroupProcess(process.Process):
         os._exit(127)
 
 
-def _give_back_open_file_limit(pid: int) -> None:
-    """Set the child's open-file limit from outside, at once, when the agent holds
-    too many descriptors to lower its own around the spawn: the program has only
-    just started, but it may have read its limit (or forked) already."""
-    original = fdlimit.children_limit()
-    if original is not None:
-        try:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
-        except OSError:
-            pass  # already gone: nothing left to limit
+def posix_spawn_group(executable: str, argv: Sequence[str], environment,
+                      fd_map: Mapping[int, int], reset_signals: Sequence[int]) -> int:
+    """posix_spawnp as a new process group's leader with fd_map (child fd -> parent fd,
+    every parent fd above 2) dup2'ed; the pid, or OSError if it cannot start.
+
+    reset_signals: those the agent ignores, reset to their default (Python ignores
+    SIGPIPE; a task must not). The child gets the open-file limit the agent started
+    with (agent.runner.fdlimit).
+    """
+    with fdlimit.original_limit_held(max(fd_map.values(), default=2)) as inherited:
+        pid = os.posix_spawnp(
+            executable,
+            argv,
+            environment,
+            file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fd_map.items()],
+            setsigdef=reset_signals,
+            setpgroup=0,
+        )
+    if not inherited:
+        fdlimit.give_back(pid)
+    return pid
 
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
@@ -207,14 +171,28 @@ def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str
 
     argv[0] without a slash is searched on PATH; with one it is relative to
     the task's working directory, unless executable names the file to run.
-    limits are (name, value) pairs of RLIMITS. new_session: in a session of
-    its own as well (setsid), out of reach of the terminal's and the agent's
-    group signals. ignore_signals: signals the program starts with ignored,
-    before its first instruction (a program that ignores them itself would
-    die of one that comes while it starts).
+    limits are (name, value) pairs of RLIMITS. child_fds: the child's
+    descriptors, each "r" (a pipe the agent reads), "w" (one it writes) or a
+    descriptor of the agent's to hand over. new_session: in a session of its
+    own as well (setsid), out of reach of the terminal's and the agent's group
+    signals. ignore_signals: signals the program starts with ignored, before its
+    first instruction (a program that ignores them itself would die of one that
+    comes while it starts).
     """
     environment = environment_bytes() if env is None else dict(env)  # the agent's, as it is now
+    child_fds = dict(child_fds or {0: "w", 1: "r", 2: "r"})
+    rlimits = resolve_limits(limits)
+    if cwd is None and not rlimits and not new_session and not ignore_signals \
+            and _spawnable(child_fds):
+        return spawn_child(reactor, protocol, executable or argv[0], list(argv), environment,
+                           child_fds, posix_spawn_group, ignored_signals(signal.NSIG))
     return GroupProcess(reactor, executable or argv[0], list(argv), environment, cwd, protocol,
-                        childFDs=dict(child_fds or {0: "w", 1: "r", 2: "r"}),
-                        rlimits=resolve_limits(limits), new_session=new_session,
+                        childFDs=child_fds, rlimits=rlimits, new_session=new_session,
                         ignore_signals=ignore_signals)
+
+
+def _spawnable(child_fds: Mapping[int, object]) -> bool:
+    """posix_spawn's simple dup2 plan works: no stdin pipe to write, and no descriptor
+    handed over that is one of the child's own 0-2 (a dup2 could clobber it first)."""
+    return all(target == "r" or (isinstance(target, int) and target > 2)
+               for target in child_fds.values())

@@ -7,11 +7,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from agent.core.decisions import (Attached, Busy, HistoryDown, KeyConflict, KeyForgotten, Replay,
                                   ShuttingDown, Started)
+from agent.core.engine import Engine
 from agent.core.lanes import Lane
 from agent.core.outcome import Ending
 from agent.core.request import TaskRequest
-from agent.runner.process import StdoutCollector
-from tests.fakes import FakeHost, MemoryHistory, exit_with
+from agent.runner.process import StdoutCollector, start_task
+from tests.fakes import FakeHost, FakeProcessTransport, MemoryHistory, exit_with
 
 
 class EngineTests(SynchronousTestCase):
@@ -147,6 +148,26 @@ class EngineTests(SynchronousTestCase):
         exit_with(self.spawn.protocol(0))
         self.assertEqual(self.seen, [("a", "queued"), ("a", "running"), ("b", "queued"),
                                      ("a", "finished"), ("b", "running")])
+
+    def test_a_task_is_running_news_only_once_its_child_has_a_pid(self):
+        """A busy agent starts children on its spawn thread (agent.runner.spawner):
+        observers (the history, which records the pid to kill the group after a
+        crash) hear of a running task when it has one, and never of one that could
+        not start."""
+        starting = []  # unlike the FakeSpawner, this one starts nothing at once
+        self.engine = Engine(self.clock, self.history, observers=[
+            lambda t: self.seen.append((t.request.command[0], t.state))],
+            start=lambda reactor, argv, sink, **kw: start_task(
+                reactor, argv, sink, spawn=lambda r, protocol, *a, **k: starting.append(protocol),
+                killpg=self.kills, group_alive=self.kills.group_alive, **kw))
+        task, failed = self.submit(Lane(0), "a"), self.submit(Lane(0), "b")
+        self.assertEqual(self.seen, [("a", "queued"), ("b", "queued")])
+        self.assertEqual((task.state, task.runner.pid), ("running", None))
+        starting[0].makeConnection(FakeProcessTransport(77))
+        starting[1].start_failed(FileNotFoundError(2, "No such file or directory"))
+        self.assertEqual(self.seen, [("a", "queued"), ("b", "queued"), ("a", "running"),
+                                     ("b", "finished")])
+        self.assertEqual(failed.outcome.ending, Ending.START_FAILED)
 
     def test_cleanup_is_news_of_its_own_after_the_end(self):
         task = self.submit(Lane(0), "a")

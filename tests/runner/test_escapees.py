@@ -149,3 +149,34 @@ def test_without_a_way_to_list_children_the_agent_does_not_adopt_any():
     assert reaper._children is escapees.children_of
     reaper.start()
     assert calls == []
+
+
+def test_a_child_the_spawn_thread_registers_during_the_look_is_not_reaped(monkeypatch):
+    """The look decides a zombie is no task, then reads /proc, during which the spawn
+    thread may record it as a child it has just started: reaping it then would steal
+    its exit status from the runner (it did: exit code 255, error "")."""
+    import os
+    import time
+
+    from agent.runner import escapees, procinfo, spawner as spawner_module
+
+    pid = os.posix_spawnp("true", ["true"], os.environ)
+    while procinfo.proc_stat(pid) is None or not procinfo.proc_stat(pid).zombie:
+        time.sleep(0.01)
+    thread = spawner_module.Spawner(reactor=None)
+    monkeypatch.setitem(spawner_module._spawners, -1, thread)
+
+    def stat_while_the_thread_records_it(child):
+        thread.unknown.add(child)  # what the spawn thread does once its call returns
+        return procinfo.proc_stat(child)
+
+    reaper = EscapeeReaper(Clock(), lambda: (), own_pid=os.getpid(),
+                           children=lambda own: [pid], stat=stat_while_the_thread_records_it,
+                           is_task=lambda child: False)  # as the look saw it, a moment before
+    try:
+        reaper.sweep()
+        assert procinfo.proc_stat(pid).zombie, "left for the runner to reap"
+    finally:
+        thread.unknown.discard(pid)
+        os.waitpid(pid, 0)
+    assert escapees._reap is reaper._reap

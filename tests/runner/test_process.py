@@ -120,6 +120,60 @@ class RunnerTimers(SynchronousTestCase):
         self.assertEqual(outcome.error, "cannot start './gone': No such file or directory")
 
 
+class StartedLater(SynchronousTestCase):
+    """A busy agent starts a child on its spawn thread: the runner learns its pid
+    later, and what happens meanwhile waits for it (agent.runner.spawner)."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.kills = KillRecorder()
+        self.started = []
+        self.runner = start_task(self.clock, ("cmd",), StdoutCollector(), timeout=5,
+                                 spawn=lambda reactor, protocol, *a, **kw: self.started.append(
+                                     protocol),
+                                 killpg=self.kills, group_alive=self.kills.group_alive)
+
+    def run_now(self, pid: int = 4321) -> None:
+        from tests.fakes import FakeProcessTransport
+        self.started[0].makeConnection(FakeProcessTransport(pid))
+
+    def test_it_is_spawned_once_it_runs_and_its_timeout_counts_from_then(self):
+        self.assertNoResult(self.runner.spawned)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.run_now()
+        self.assertIs(self.successResultOf(self.runner.spawned), True)
+        self.assertEqual(self.runner.pid, 4321)
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(self.runner.ended).ending, Ending.TIMED_OUT)
+
+    def test_a_cancel_meanwhile_kills_the_group_once_it_has_a_pid(self):
+        self.runner.cancel("client disconnected")
+        self.assertNoResult(self.runner.ended)
+        self.assertEqual(self.kills.calls, [], "no group to kill yet")
+        self.run_now()
+        outcome = self.successResultOf(self.runner.ended)
+        self.assertEqual((outcome.ending, outcome.error, outcome.pid),
+                         (Ending.CANCELLED, "client disconnected", 4321))
+        self.assertIn((4321, signal.SIGKILL), self.kills.calls)
+
+    def test_a_graceful_cancel_meanwhile_terms_first(self):
+        self.runner.cancel("stop", grace=2)
+        self.run_now()
+        self.assertEqual(self.kills.calls, [(4321, signal.SIGTERM)])
+        self.clock.advance(2)
+        self.assertEqual(self.successResultOf(self.runner.ended).ending, Ending.CANCELLED)
+
+    def test_a_start_that_fails_on_the_thread_is_a_start_failure(self):
+        self.runner.cancel("too late to matter")
+        self.started[0].start_failed(FileNotFoundError(2, "No such file or directory"))
+        self.assertIs(self.successResultOf(self.runner.spawned), False)
+        outcome = self.successResultOf(self.runner.ended)
+        self.assertEqual((outcome.ending, outcome.error),
+                         (Ending.START_FAILED, "cannot start 'cmd': No such file or directory"))
+        self.assertIs(self.successResultOf(self.runner.cleaned), True)
+        self.assertEqual((self.kills.calls, self.clock.getDelayedCalls()), ([], []))
+
+
 # -- real children
 
 
@@ -340,7 +394,7 @@ async def test_a_pipe_is_grown_only_once_its_writer_fills_it():
 
     from twisted.internet import reactor
 
-    from agent.runner.spawn import DEFAULT_PIPE_SIZE, PIPE_SIZE
+    from agent.runner.child import DEFAULT_PIPE_SIZE, PIPE_SIZE
 
     sizes = {}
     for label, write in (("quiet", "print('x')"), ("loud", "sys.stdout.write('x' * (1 << 20))")):
@@ -353,17 +407,6 @@ async def test_a_pipe_is_grown_only_once_its_writer_fills_it():
         sizes[label] = fcntl.fcntl(runner.transport.pipes[1].fileno(), fcntl.F_GETPIPE_SZ)
         await runner.ended
     assert sizes == {"quiet": DEFAULT_PIPE_SIZE, "loud": PIPE_SIZE}
-
-
-def test_a_shared_collector_gives_every_reader_all_chunks_and_the_last_frees_them():
-    collector = StdoutCollector()
-    for chunk in (b"a", b"b", b"c"):
-        collector.received(1, chunk)
-    collector.share()
-    first, last = collector.drain(), collector.drain()
-    assert b"".join(last) == b"abc"
-    assert b"".join(first) == b"abc"
-    assert collector.chunks == []
 
 
 def test_a_group_left_only_with_the_agents_zombies_is_empty_once_they_are_reaped():

@@ -22,16 +22,13 @@ from agent.doors.tcp import protected as protected_mode
 from agent.doors.tcp.guards import ConnectionCap, line_timed_out
 from agent.doors.tcp.linewriter import Budget, Line, LineWriter
 from agent.tls import peer_certificate_subject
+from agent.doors.tcp.collector import ResultOutput
 from agent.doors.tcp.wire import (BUSY_ERROR, SHUTTING_DOWN_ERROR, BadRequest,
-                            encode_error, encode_result, encode_result_pieces, looks_like_http,
-                            parse_request)
+                            encode_error, encode_result, encode_result_escaped,
+                            encode_result_pieces, looks_like_http, parse_request)
 from agent.core.outcome import Outcome
-from agent.runner.process import StdoutCollector
 from agent.history.replay import spooled_stdout
 
-STREAM_ABOVE = 256 << 10
-"""Results whose stdout is larger are encoded and sent piece by piece (see
-agent.doors.tcp.linewriter); smaller ones are encoded whole, which is quicker."""
 
 PROBE_INTERVAL = 0.25
 """Seconds between keep-alive spaces after the client's EOF: a write is the
@@ -121,7 +118,7 @@ class TaskLineProtocol(LineReceiver):
             self._engine.refused("tcp", "bad_request")
             return
         self._answering += 1
-        decided = self._engine.admit(request, self._lane, StdoutCollector(), "tcp", held=True,
+        decided = self._engine.admit(request, self._lane, ResultOutput(), "tcp", held=True,
                                      launched_by=self._who(),
                                      output_limit=self._max_output)
         decided.addCallbacks(self._admitted, self._not_admitted, callbackArgs=(request,),
@@ -227,12 +224,12 @@ class TaskLineProtocol(LineReceiver):
         command, sink = list(task.request.command), task.sink
         if not outcome.started:
             self._send(encode_result(command, outcome, None, task.request.id))
-        elif sink.sizes[1] <= STREAM_ABOVE:
+        elif not sink.escaped:
             self._send(encode_result(command, outcome, sink.text(), task.request.id))
         else:
             self._lines.queue(Line.encoded(
-                lambda chunks: encode_result_pieces(command, outcome, chunks, task.request.id),
-                sink.drain(), sink.sizes[1]))
+                lambda pieces: encode_result_escaped(command, outcome, pieces, task.request.id),
+                sink.pieces(), sink.held))
 
     def _send_replay(self, record, request: TaskRequest) -> None:
         """The ended task's result as the original client got it (the history keeps the

@@ -2,9 +2,17 @@
 them, the bytes it holds counted, and nothing kept for a client that has gone."""
 from __future__ import annotations
 
-from twisted.internet.testing import StringTransport
+import socket
+from contextlib import asynccontextmanager
 
-from agent.doors.tcp.linewriter import Budget, Line, LineWriter
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+
+from agent._twisted_compat import socket_idle
+from agent.doors.tcp.linewriter import Budget, Line, LineWriter, send_now
 from tests.doors.tcp.slow import SlowTransport
 
 
@@ -118,3 +126,61 @@ class Recorder(Budget):
 
     def resumed(self, writer):
         self.behind.discard(writer)
+
+
+# -- a real socket: sent at once, the rest in order
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_to_an_idle_socket_is_sent_before_the_reactor_turns():
+    async with _socket_pair() as (transport, client):
+        send_now(transport, b"result\n")
+        client.setblocking(False)
+        assert client.recv(100) == b"result\n", "in the kernel already, not in a buffer"
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_socket_does_not_take_follows_through_the_transport_in_order():
+    async with _socket_pair(send_buffer=4096) as (transport, client):
+        first, second = b"a" * (1 << 20), b"b" * 1000
+        send_now(transport, first)
+        assert not socket_idle(transport), "the kernel took part; the transport holds the rest"
+        send_now(transport, second)  # must not overtake what the transport holds
+        received = await deferToThread(_receive, client, len(first) + len(second))
+        assert received == first + second
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    sock.settimeout(30)
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "connection closed early"
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+@asynccontextmanager
+async def _socket_pair(send_buffer: int | None = None):
+    """(the agent side's transport, a plain client socket) over 127.0.0.1."""
+    from twisted.internet import reactor
+
+    connected: Deferred = Deferred()
+
+    class Server(Protocol):
+        def connectionMade(self):
+            if send_buffer is not None:
+                self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                      send_buffer)
+            connected.callback(self.transport)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        transport = await connected
+        yield transport, client
+        transport.loseConnection()
+    finally:
+        client.close()
+        await port.stopListening()

@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 
-from agent.doors.tcp.wire import encode_result, encode_result_pieces, escape_output
+from agent.doors.tcp.collector import ResultOutput
+from agent.doors.tcp.collector import ESCAPE_ABOVE as STREAM_ABOVE
+from agent.doors.tcp.wire import (OutputEscaper, encode_result, encode_result_escaped,
+                                  encode_result_pieces, escape_output)
 from agent.core.outcome import Ending, Outcome
-from agent.runner.process import StdoutCollector
-from agent.doors.tcp.protocol import STREAM_ABOVE
 from agent.core.lanes import Lane
 from agent.doors.tcp.protocol import TaskLineFactory
 from tests.doors.tcp.slow import SlowTransport
@@ -54,15 +55,49 @@ def test_a_task_that_never_ran_is_one_piece_without_output():
         encode_result(["x"], failed, None, "i")]
 
 
-def test_draining_a_collector_forgets_each_chunk_as_it_is_taken():
-    sink = StdoutCollector()
-    for chunk in (b"a", b"b", b"c"):
+@settings(max_examples=300, deadline=None)
+@given(tricky_bytes, st.lists(st.integers(0, 60), max_size=8), st.integers(0, 30))
+def test_a_collector_keeps_what_the_result_line_needs_whatever_the_chunks(data, cuts, above):
+    """Small: the text as it came. Large: escaped as it arrives, the same body as
+    escaping the whole output at the end, however chunks split its characters."""
+    sink = ResultOutput(escape_above=above)
+    for chunk in _chunked(data, cuts):
         sink.received(1, chunk)
+    text = data.decode("utf-8", "replace")
+    assert sink.escaped == (len(data) > above)
+    if sink.escaped:
+        body = b"".join(sink.pieces())
+        assert body == json.dumps(text, ensure_ascii=False)[1:-1].encode()
+        assert sink.held == 0
+    else:
+        assert sink.text() == text
+
+
+def test_an_ascii_chunk_after_half_a_character_still_goes_through_the_decoder():
+    escaper = OutputEscaper()
+    pieces = [escaper.escape(b"\xc3"), escaper.escape(b"ab\n"), escaper.finish()]
+    assert b"".join(pieces) == json.dumps("\ufffdab\n", ensure_ascii=False)[1:-1].encode()
+
+
+def test_a_collector_counts_stderr_and_keeps_none_of_it():
+    sink = ResultOutput(escape_above=4)
+    sink.received(2, b"warning\n")
+    sink.received(1, b"ok")
+    assert sink.sizes == {1: 2, 2: 8} and sink.text() == "ok" and sink.held == 2
+
+
+def test_a_large_output_is_escaped_as_it_arrives_and_forgotten_as_it_is_taken():
+    sink = ResultOutput(escape_above=4)
+    for chunk in (b"ab", b"c\n", b"d\"e"):
+        sink.received(1, chunk)
+    assert sink.escaped and sink.held == len(b'abc\\nd\\"e')  # escaped already, raw gone
     taken = []
-    for chunk in sink.drain():
-        taken.append(chunk)
-        assert len(sink.chunks) == 3 - len(taken)
-    assert taken == [b"a", b"b", b"c"]
+    for piece in sink.pieces():
+        taken.append(piece)
+        assert sink.held == len(b'abc\\nd\\"e') - len(b"".join(taken))
+    assert b"".join(taken) == b'abc\\nd\\"e'
+    line = b"".join(encode_result_escaped(["x"], RAN, taken, "1"))
+    assert json.loads(line)["output"] == 'abc\nd"e'
 
 
 def test_a_large_result_is_streamed_and_no_probe_lands_inside_it():
