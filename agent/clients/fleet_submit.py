@@ -178,9 +178,23 @@ class Submitter:
                 self.summary.attached += answer == "attached"
                 self.refused += answer == "conflict"
                 answered(entry, answer)
-        if entries and not await self._call(nodes.list_nodes, False):
+        if entries:
+            self._say_who_can_run(entries, await self._call(nodes.list_nodes, False))
+
+    def _say_who_can_run(self, entries: Sequence[Entry], up) -> None:
+        """Tasks wait in the queue for a node that can take them: say so when none is up,
+        or when no node up has the labels some of them ask for."""
+        if not up:
             self._complain("no fleet node is up: the tasks wait in the queue until an agent "
                            "started with --fleet joins")
+            return
+        unmatched = {entry.submission.labels for entry in entries
+                     if not any(set(entry.submission.labels) <= set(node.labels.items())
+                                for node in up)}
+        for labels in sorted(unmatched):
+            wanted = ",".join(f"{name}={value}" for name, value in labels)
+            self._complain(f"no fleet node up has the labels {wanted}: the tasks that ask for "
+                           "them wait in the queue until such a node joins")
 
     async def submit_only(self, entries: Sequence[Entry]) -> None:
         """--no-wait: submit, and print each queued task's key as its batch commits."""

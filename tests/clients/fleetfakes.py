@@ -2,6 +2,8 @@
 unit tests: what run(f, *args) answers, when, and when the database is away are the test's."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet.defer import Deferred, succeed
@@ -39,7 +41,7 @@ class FakeFleet:
         self.lose_answer_of: str | None = None
         """The next call of this name is done, but its answer is lost with the connection."""
         self.tasks: dict[str, FleetTask] = {}
-        self.nodes: list = ["n1"]
+        self.nodes: list = [SimpleNamespace(node_id="n1", labels={"os": "linux"})]
         self.calls: list[tuple[str, tuple]] = []
         self.closed = False
         self._held: list[tuple[Deferred, str, tuple]] = []
@@ -93,7 +95,7 @@ class FakeFleet:
                 answers.append("attached" if known.command == task.command else "conflict")
         return answers
 
-    def list_nodes(self, include_gone: bool = True) -> list[str]:
+    def list_nodes(self, include_gone: bool = True) -> list:
         return self.nodes
 
     def ended(self, keys) -> list[FleetTask]:

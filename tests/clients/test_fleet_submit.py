@@ -289,6 +289,20 @@ def test_an_error_that_is_not_a_lost_connection_ends_the_run():
     assert not run.clock.getDelayedCalls()
 
 
+def test_tasks_asking_for_labels_no_node_up_has_are_named_once_and_wait():
+    run = Run()
+    batch = [Entry("line 1", Submission("a", ("true",), labels=(("os", "linux"),))),
+             Entry("line 2", Submission("b", ("true",), labels=(("gpu", "a100"),))),
+             Entry("line 3", Submission("c", ("true",), labels=(("gpu", "a100"),)))]
+    d = run.start(batch)
+    said = run.err.getvalue()
+    assert said.count("no fleet node up has the labels gpu=a100") == 1
+    assert "os=linux" not in said
+    run.finish("a", "b", "c")
+    run.clock.advance(FETCH_DELAY)
+    assert d.called
+
+
 def test_a_batch_no_node_can_run_yet_says_so_and_waits():
     run = Run()
     run.fleet.nodes = []
