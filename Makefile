@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-fleet fleet clean
 
 install: $(STAMP)
 
@@ -29,5 +29,13 @@ test: install
 bench: install
 	$(BIN)/python -m bench
 
+# A fleet demo: a private PostgreSQL under ./fleet-data, N agents (3), a kill -9; Ctrl-C stops it.
+fleet: install
+	$(BIN)/python examples/fleet_demo.py
+
+# The fleet: 5 agents on a private PostgreSQL (needs its binaries, as the tests do).
+bench-fleet: install
+	$(BIN)/python -m bench.fleet
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache fleet-data

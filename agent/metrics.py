@@ -13,7 +13,8 @@ are a few fixed words each (docs/metrics.md lists them).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
                                ProcessCollector, generate_latest)
@@ -37,6 +38,24 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 """Seconds, 5 ms (a `true`) to 6 h (a long batch job); slower tasks land in +Inf."""
 
 
+REPORT_RESULTS = ("recorded", "already", "stale")
+"""The database's answers to a fleet node's result; agent_fleet_reports_total starts each at 0."""
+
+
+@dataclass(frozen=True)
+class FleetGauges:
+    """What a fleet node (agent.doors.fleet) says of itself at scrape time."""
+
+    running: int
+    """Fleet tasks it holds now (claimed, results not yet recorded)."""
+    lease_valid: bool
+    since_renewal: float | None
+    """Seconds since its lease was last renewed; None before the first renewal."""
+    claims: int
+    reports: Mapping[str, int] = field(default_factory=dict)
+    """Results sent, by the database's answer (REPORT_RESULTS)."""
+
+
 class Metrics:
     """One agent's metrics. Feed it from the engine (observe, observe_cleanup, refused)
     and serve exposition() on GET /metrics."""
@@ -45,11 +64,13 @@ class Metrics:
                  health: Callable[[], dict] = lambda: {"writable": True, "waiting": 0},
                  usage: Callable[[], Usage | None] = lambda: None,
                  escapees_killed: Callable[[], int | None] = lambda: None,
+                 fleet: Callable[[], FleetGauges | None] = lambda: None,
                  process: bool = True):
         """live: the engine's live tasks (queued and running) at scrape time.
         health: the history's health (agent.history.store.Store.health).
         usage: the data dir's last measured use, None until measured.
         escapees_killed: escaped processes killed so far, None without a reaper.
+        fleet: this node's fleet figures, None when it is not in a fleet.
         process: include the process collector (CPU, memory, open files)."""
         self.registry = CollectorRegistry()
         self._tasks = Counter("agent_tasks", "Tasks ended, by the door that started them and "
@@ -71,6 +92,7 @@ class Metrics:
             for state in ENDED_STATES:
                 self._ended_of(door, state)
         self.registry.register(_Snapshot(live, health, usage, escapees_killed))
+        self.registry.register(_FleetSnapshot(fleet))
         if process:
             ProcessCollector(registry=self.registry)
 
@@ -165,3 +187,34 @@ class _Snapshot:
             elif state == "queued":
                 queued.add_metric([door], count)
         return running, queued
+
+
+class _FleetSnapshot:
+    """This node's part in a fleet, read at scrape time; nothing without --fleet."""
+
+    def __init__(self, fleet: Callable[[], FleetGauges | None]):
+        self._fleet = fleet
+
+    def collect(self):
+        gauges = self._fleet()
+        if gauges is None:
+            return
+        yield GaugeMetricFamily("agent_fleet_tasks_running", "Fleet tasks this node holds now: "
+                                "claimed, their results not yet recorded",
+                                value=gauges.running)
+        yield GaugeMetricFamily("agent_fleet_lease_valid", "1 while this node's fleet lease is "
+                                "renewed, 0 once it has fenced or lost it",
+                                value=1 if gauges.lease_valid else 0)
+        if gauges.since_renewal is not None:
+            yield GaugeMetricFamily("agent_fleet_heartbeat_age_seconds", "Seconds since this "
+                                    "node's lease was last renewed (heartbeat every lease/5)",
+                                    value=gauges.since_renewal)
+        yield CounterMetricFamily("agent_fleet_claims", "Fleet tasks this node claimed",
+                                  value=gauges.claims)
+        reports = CounterMetricFamily("agent_fleet_reports", "Fleet results this node sent, by "
+                                      "the database's answer: recorded, already (a retry), "
+                                      "stale (refused: the attempt was no longer this node's)",
+                                      labels=["result"])
+        for result in sorted({*REPORT_RESULTS, *gauges.reports}):
+            reports.add_metric([result], gauges.reports.get(result, 0))
+        yield reports

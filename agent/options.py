@@ -108,6 +108,28 @@ class Options(usage.Options):
          "Most bytes the data dir (database and task output) may hold; past it the oldest ended "
          "tasks are pruned (at start, a second after tasks end, and hourly), and new HTTP tasks "
          "get 507 while running tasks' output alone fills it. 0 = no size limit.", parse_size],
+        ["fleet", None, None,
+         "Join a fleet: a PostgreSQL connection string (libpq key=value or postgresql:// URL) "
+         "whose queue this agent works on beside its own doors; see docs/fleet.md. The "
+         "password: in it, in PGPASSFILE, or in --fleet-password-file; never logged."],
+        ["fleet-password-file", None, None,
+         "File whose first line is the fleet database's password (keep it mode 0600)."],
+        ["node-id", None, None,
+         "This node's name in the fleet; default: the host name and a short digest of the "
+         "data dir."],
+        ["labels", None, "",
+         "This node's labels, k=v,k=v: a fleet task that asks for labels runs only on nodes "
+         "that have them all."],
+        ["fleet-lease", None, 10.0,
+         "Seconds a fleet node's heartbeat holds its lease: a node silent this long has its "
+         "tasks queued again for others (after stopping them itself first).", float],
+        ["fleet-url", None, None,
+         "With --fleet: the URL others should use to reach this node's HTTP door (e.g. "
+         "https://node7:8080); fleet records of tasks this node ran link to their whole "
+         "output there."],
+        ["fleet-poll", None, 2.0,
+         "Seconds between looks at the fleet queue when no notification came (NOTIFY wakes a "
+         "node at once; the poll only backs it up).", float],
     ]
 
     optFlags = [
@@ -281,6 +303,7 @@ class Options(usage.Options):
             raise usage.UsageError("--keep-days must be 0 (no age limit) or a number of days")
         if self["keep-bytes"] < 0:
             raise usage.UsageError("--keep-bytes must be 0 (no size limit) or a size in bytes")
+        self.check_fleet()
         self.admin_token_wanted = self["token-file"] is not None or self["tokens-file"] is None
         """An admin token file is used when named, or when no tokens file replaces it."""
         if self["token-file"] is None:
@@ -294,6 +317,37 @@ class Options(usage.Options):
             except BadAllowList as e:
                 raise usage.UsageError(str(e)) from None
 
+    def check_fleet(self) -> None:
+        """The fleet's options: a readable DSN and password file, labels, a sane lease."""
+        from agent.fleet import dsn as dsns
+        self.labels = parse_labels(self["labels"])
+        self.fleet_dsn = None
+        if self["fleet"] is None:
+            for name in ("fleet-password-file", "node-id", "fleet-url"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} needs --fleet")
+            return
+        if not 1.0 <= self["fleet-lease"] <= 3600:
+            raise usage.UsageError("--fleet-lease must be between 1 and 3600 seconds")
+        if not 0.05 <= self["fleet-poll"] <= 3600:
+            raise usage.UsageError("--fleet-poll must be between 0.05 and 3600 seconds")
+        try:
+            dsn = dsns.with_password_file(self["fleet"], self["fleet-password-file"])
+            self.fleet_dsn = dsns.for_node(dsn, self["fleet-lease"])
+        except OSError as e:
+            raise usage.UsageError(f"--fleet-password-file: cannot read it: {e.strerror}") from None
+        except dsns.BadDsn as e:
+            raise usage.UsageError(str(e)) from None
+        if self["fleet-url"] is not None:
+            self["fleet-url"] = check_fleet_url(self["fleet-url"])
+        if self["node-id"] is None:
+            self["node-id"] = default_node_id(self["data-dir"])
+        from agent.core.request import InvalidRequest, task_id
+        try:
+            task_id(self["node-id"], "--node-id")
+        except InvalidRequest as e:
+            raise usage.UsageError(e.message) from None
+
     def check_token_files(self) -> None:
         """Refuse at start, with how to fix it, a token that is short or readable by others
         (as ssh does for keys) and a tokens file that is malformed."""
@@ -306,3 +360,43 @@ class Options(usage.Options):
                 read_token(Path(self["token-file"]))
         except NoToken as e:
             raise usage.UsageError(str(e)) from None
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_.\-/]+")
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """"os=linux,gpu=a100" as {"os": "linux", "gpu": "a100"}."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, value = item.partition("=")
+        if not equals or not _LABEL.fullmatch(name) or not _LABEL.fullmatch(value):
+            raise usage.UsageError(
+                f"--labels: {item!r} is not name=value (letters, digits, _ . - / only)")
+        if name in labels:
+            raise usage.UsageError(f"--labels: {name} is given twice")
+        labels[name] = value
+    return labels
+
+
+def check_fleet_url(url: str) -> str:
+    """An http(s)://HOST[:PORT][/PREFIX] URL, without a trailing slash."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.query or parts.fragment or any(c.isspace() for c in url)):
+        raise usage.UsageError(f"--fleet-url must look like https://HOST:PORT, not {url!r}")
+    return url.rstrip("/")
+
+
+def default_node_id(data_dir: str) -> str:
+    """The host name and a digest of the data dir: two agents on one host differ, and an
+    agent restarted on the same data dir is the same node."""
+    import hashlib
+    import socket
+    where = os.path.realpath(data_dir).encode("utf-8", "surrogateescape")
+    return f"{socket.gethostname()}-{hashlib.sha256(where).hexdigest()[:8]}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
@@ -29,12 +29,13 @@ from agent.history.retention import Policy, Retention
 from agent.history.store import Store
 from agent.logformat import JsonLines
 from agent.memory import BurstRelease
-from agent.metrics import Metrics
+from agent.metrics import FleetGauges, Metrics
 from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
 from agent.runner.fdlimit import raise_open_file_limit
 from agent.runner.process import CLEANUP_DEADLINE, start_task
 from agent.runner.procinfo import kill_left_behind, proc_stat
+from agent.runner.watchdog import Watchdog
 
 log = Logger()
 
@@ -44,17 +45,21 @@ class AgentService(MultiService):
 
     def __init__(self, engine: Engine, reactor, store: Store | None = None,
                  shutdown_grace: float = 0.0, handle_signals: bool = False,
-                 escapees: EscapeeReaper | None = None, log_observer=None):
+                 escapees: EscapeeReaper | None = None, watchdog: Watchdog | None = None,
+                 log_observer=None):
         """handle_signals: the agent's own process (twistd), where a second
         SIGTERM/SIGINT while stopping should cut the grace short. escapees:
         kills what left a task's group, last when stopping (after the tasks).
-        log_observer: what twistd should log through (--log-format json), set on
-        the application this service joins."""
+        watchdog: the process that kills the task groups if the agent dies; told
+        "bye" when stopping, once the tasks have ended. log_observer: what
+        twistd should log through (--log-format json), set on the application
+        this service joins."""
         self._log_observer = log_observer
         super().__init__()
         self.engine = engine
         self.store = store
         self.escapees = escapees
+        self.watchdog = watchdog
         self.shutdown_grace = shutdown_grace
         self.handle_signals = handle_signals
         self._reactor = reactor
@@ -80,6 +85,8 @@ class AgentService(MultiService):
             self.store.start()
         if self.escapees is not None:
             self.escapees.start()
+        if self.watchdog is not None:  # before a door can start a task
+            self.watchdog.start()
         super().startService()
 
     def stopService(self):
@@ -88,6 +95,8 @@ class AgentService(MultiService):
         ended = self._end_every_task()
         if self.escapees is not None:
             ended.addCallback(lambda _: self.escapees.stop())
+        if self.watchdog is not None:
+            ended.addCallback(lambda _: self.watchdog.stop())
         if self.store is not None:  # after the tasks, so their records reach the disk too
             ended.addCallback(lambda _: self.store.close())
         stopped = gatherResults([stopped, ended], consumeErrors=True)
@@ -203,7 +212,8 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     """The one place the agent is wired, for makeService and for the tests.
 
     own_process: the agent is the whole process (twistd), so it may take
-    process-wide things: signal handlers, child-subreaper status (escapees).
+    process-wide things: signal handlers, child-subreaper status (escapees),
+    and a watchdog process that kills its task groups if it dies.
     start: how a task's process is started (tests pass a fake spawner).
     """
     store = Store(options["data-dir"], reactor, options["max-log-bytes"],
@@ -214,14 +224,22 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     release = BurstRelease(reactor, lambda: len(engine.live))
     metrics = Metrics(live=lambda: engine.live.values(), health=store.health,
                       usage=lambda: store.last_usage,
-                      escapees_killed=lambda: None if escapees is None else escapees.killed)
+                      escapees_killed=lambda: None if escapees is None else escapees.killed,
+                      fleet=lambda: _fleet_gauges(agent.fleet, reactor))
+    watchdog = Watchdog(reactor) if own_process else None
+    fleet_doors: list = []  # told of every task's end: a slot a fleet task may take
+    observers = [release.observe, retention.observe, metrics.observe,
+                 partial(_tell_each, fleet_doors)]
+    cleanup_observers = [metrics.observe_cleanup]
+    if watchdog is not None:
+        observers.insert(0, watchdog.observe)  # first: a task is guarded as soon as it starts
+        cleanup_observers.append(watchdog.observe_cleanup)
     engine = Engine(reactor, store, start=start, log_tasks=options["log-tasks"],
-                    observers=[release.observe, retention.observe, metrics.observe],
-                    cleanup_observers=[metrics.observe_cleanup],
+                    observers=observers, cleanup_observers=cleanup_observers,
                     refusal_observers=[metrics.refused], allow=options.allow)
     escapees = EscapeeReaper(reactor, engine.live.keys) if own_process else None
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
-                         handle_signals=own_process, escapees=escapees,
+                         handle_signals=own_process, escapees=escapees, watchdog=watchdog,
                          log_observer=JsonLines() if options["log-format"] == "json" else None)
     release.setServiceParent(agent)
     retention.setServiceParent(agent)
@@ -236,10 +254,57 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
                                         line_timeout=options["line-timeout"])
     _door(reactor, options["listen"], agent.tcp_factory, "TCP task protocol",
           then=partial(_say_how_protected, protected)).setServiceParent(agent)
+    agent.fleet = None
+    if options.fleet_dsn is not None:
+        agent.fleet = _fleet_door(options, reactor, engine, lane, watchdog)
+        fleet_doors.append(agent.fleet)
+        agent.fleet.setServiceParent(agent)
     if options["http"]:
-        agent.site = _http_site(options, reactor, engine, store, metrics, environ)
+        fleet_db = _http_fleet_database(options, reactor)
+        if fleet_db is not None:  # before the door: services stop in reverse, so it closes after
+            _Closing(fleet_db).setServiceParent(agent)
+        agent.site = _http_site(options, reactor, engine, store, metrics, environ, fleet_db)
         _door(reactor, options["http"], agent.site, "HTTP API").setServiceParent(agent)
     return agent
+
+
+def _fleet_gauges(door, clock) -> FleetGauges | None:
+    """The fleet door's figures for GET /metrics; None without --fleet."""
+    if door is None:
+        return None
+    renewed = door.lease.renewed_at
+    return FleetGauges(running=door.tasks_running, lease_valid=door.lease.valid,
+                       since_renewal=None if renewed is None else clock.seconds() - renewed,
+                       claims=door.claimed, reports=dict(door.reported))
+
+
+def _tell_each(doors: list, task) -> None:
+    for door in doors:
+        door.observe(task)
+
+
+def _fleet_door(options: Options, reactor, engine: Engine, lane: Lane,
+                watchdog: Watchdog | None):
+    """This node as a worker of the fleet's queue: two connections (claims and reports;
+    heartbeats) and a listening one, each on its own thread."""
+    from agent.doors.fleet.door import FleetDoor
+    from agent.doors.fleet.lease import GenerationFile, NodeConfig
+    from agent.fleet import dsn as dsns
+    from agent.fleet import tasks
+    from agent.fleet.database import Database, Listener
+
+    dsn = options.fleet_dsn
+    config = NodeConfig(options["node-id"], options.labels, options["parallel"],
+                        http=options["fleet-url"], lease=options["fleet-lease"])
+    datadir.prepare(Path(options["data-dir"]))
+    return FleetDoor(
+        engine, lane, reactor, work=Database(reactor, dsn, "work"),
+        beat=Database(reactor, dsn, "heartbeat"), config=config,
+        generation_file=GenerationFile(Path(options["data-dir"]) / "fleet-generation"),
+        listener=partial(Listener, reactor, dsn, (tasks.QUEUED, tasks.CANCEL)),
+        where=dsns.for_log(dsn), watchdog=watchdog, kill_grace=options["kill-grace"],
+        poll=options["fleet-poll"],
+        drain_timeout=options["shutdown-grace"] + 10.0, keep_days=options["keep-days"])
 
 
 def _backlog(options: Options, reactor) -> Backlog:
@@ -250,8 +315,28 @@ def _backlog(options: Options, reactor) -> Backlog:
     return Backlog(options["max-pending-output"], Spill(options["data-dir"], in_thread))
 
 
+def _http_fleet_database(options: Options, reactor):
+    """The HTTP door's own connection to the fleet (GET /fleet/...), apart from the fleet
+    door's: a slow listing never delays a claim or a heartbeat. None without --fleet."""
+    if options.fleet_dsn is None:
+        return None
+    from agent.fleet.database import Database
+    return Database(reactor, options.fleet_dsn, "http")
+
+
+class _Closing(Service):
+    """Closes a fleet Database (its connection, then its thread) when the agent stops."""
+
+    def __init__(self, database):
+        self._database = database
+
+    def stopService(self):
+        super().stopService()
+        return self._database.close()
+
+
 def _http_site(options: Options, reactor, engine: Engine, store: Store, metrics: Metrics,
-               environ):
+               environ, fleet=None):
     from agent.doors.http.api import make_site
     from agent.doors.http.auth import TokenAuth, load_or_create_token
 
@@ -260,4 +345,4 @@ def _http_site(options: Options, reactor, engine: Engine, store: Store, metrics:
     if options.admin_token_wanted:
         auth = auth.with_admin(load_or_create_token(options["token-file"]))
     return make_site(engine, store, Lane(options["max-running"]), auth, options["kill-grace"],
-                     reactor, environ, metrics=metrics)
+                     reactor, environ, metrics=metrics, fleet=fleet)

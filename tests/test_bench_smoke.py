@@ -32,3 +32,17 @@ def test_the_leanest_agent_floor_prints_its_ratios():
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("leanest Python agent: serial ") and "x); parallel " in done.stdout
+
+
+def test_the_fleet_bench_runs_and_prints_its_figures(postgres_server):
+    """make bench-fleet, tiny: it needs PostgreSQL's binaries, as the fleet's tests do."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--tasks", "40", "--agents", "2",
+         "--latency-samples", "3", "--cancel-samples", "2", "--lease", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["throughput"]["fleet"]["tasks_per_s"] > 0
+    assert figures["throughput"]["direct"]["tasks_per_s"] > 0
+    assert figures["latency"]["samples"] == 3 and figures["cancel"]["samples"] == 2
+    assert 0 < figures["redelivery"]["kill_to_running_elsewhere_s"] < 30

@@ -139,16 +139,17 @@ def test_every_path_the_prose_names_exists(page):
     assert not missing, f"{page.relative_to(REPO)} names paths that do not exist: {missing}"
 
 
-def test_every_test_the_guarantees_name_exists():
+@pytest.mark.parametrize("page", ["guarantees.md", "fleet.md"])
+def test_every_test_the_guarantees_name_exists(page):
     """A promise is only as good as the test it cites."""
-    text = (REPO / "docs" / "guarantees.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / page).read_text(encoding="utf-8")
     defined = set()
     for source in (REPO / "tests").rglob("*.py"):
         defined.update(re.findall(r"^\s*(?:async\s+)?(?:def|class)\s+(\w+)", source.read_text(encoding="utf-8"),
                                   re.MULTILINE))
     cited = set(re.findall(r"`(test_\w+|\w+Tests)`", text)) | set(re.findall(r"`(\w+Tests)` in", text))
-    assert cited, "guarantees.md cites no test"
-    assert not sorted(cited - defined), f"guarantees.md cites tests that do not exist: {sorted(cited - defined)}"
+    assert cited, f"{page} cites no test"
+    assert not sorted(cited - defined), f"{page} cites tests that do not exist: {sorted(cited - defined)}"
 
 
 def test_the_http_example_that_prints_the_readme_still_matches_it():

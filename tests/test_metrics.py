@@ -8,7 +8,7 @@ from agent.core.decisions import Busy, KeyConflict, QueueFull
 from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
 from agent.history.prune import Usage
-from agent.metrics import Metrics
+from agent.metrics import FleetGauges, Metrics
 from agent.runner.process import StdoutCollector
 from tests.fakes import FakeHost, exit_with
 
@@ -21,9 +21,11 @@ class Agent:
 
     def __init__(self, health=None, usage=None, escapees_killed=None):
         self.health = health or {"writable": True, "waiting": 0, "dropped": 0}
+        self.fleet: FleetGauges | None = None
         self.metrics = Metrics(live=lambda: self.engine.live.values(),
                                health=lambda: self.health, usage=lambda: usage,
-                               escapees_killed=lambda: escapees_killed)
+                               escapees_killed=lambda: escapees_killed,
+                               fleet=lambda: self.fleet)
         host = FakeHost(observers=[self.metrics.observe],
                         cleanup_observers=[self.metrics.observe_cleanup],
                         refusal_observers=[self.metrics.refused])
@@ -167,6 +169,25 @@ def test_what_is_not_known_is_not_shown(agent):
     names = {name for name, _ in agent.samples()}
     assert "agent_history_output_bytes" not in names
     assert "agent_escapees_killed_total" not in names
+
+
+def test_a_fleet_node_shows_its_tasks_lease_claims_and_reports(agent):
+    agent.fleet = FleetGauges(running=2, lease_valid=True, since_renewal=1.5, claims=9,
+                              reports={"recorded": 6, "stale": 1})
+    assert agent.value("agent_fleet_tasks_running") == 2
+    assert agent.value("agent_fleet_lease_valid") == 1
+    assert agent.value("agent_fleet_heartbeat_age_seconds") == 1.5
+    assert agent.value("agent_fleet_claims_total") == 9
+    assert agent.value("agent_fleet_reports_total", result="recorded") == 6
+    assert agent.value("agent_fleet_reports_total", result="stale") == 1
+    assert agent.value("agent_fleet_reports_total", result="already") == 0
+    agent.fleet = FleetGauges(running=0, lease_valid=False, since_renewal=None, claims=9)
+    assert agent.value("agent_fleet_lease_valid") == 0
+    assert agent.value("agent_fleet_heartbeat_age_seconds") is None
+
+
+def test_an_agent_not_in_a_fleet_shows_no_fleet_metric(agent):
+    assert not [name for name, _ in agent.samples() if name.startswith("agent_fleet_")]
 
 
 def test_the_process_collector_is_included(agent):

@@ -1,12 +1,17 @@
-"""Stopping the agent: tasks get SIGTERM and the grace, and the stop never hangs on one."""
+"""Stopping the agent: tasks get SIGTERM and the grace, the stop never hangs on one, and the
+watchdog guards the tasks from before the doors open until after the tasks have ended."""
 from __future__ import annotations
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
 
+from agent.options import Options
 from agent.runner.process import CLEANUP_DEADLINE
-from agent.service import AgentService
+from agent.runner.watchdog import Watchdog
+from agent.service import AgentService, build
 
 
 class FakeTask:
@@ -65,3 +70,53 @@ def test_a_group_never_verified_empty_does_not_hang_the_stop():
 def test_with_nothing_running_the_stop_is_immediate():
     stopped = _stop(FakeEngine(), Clock(), 5.0)
     assert len(stopped) == 1
+
+
+class FakeWatchdog:
+    def __init__(self, calls: list[str]):
+        self.calls = calls
+        self.stopped = Deferred()
+
+    def start(self) -> None:
+        self.calls.append("watchdog started")
+
+    def stop(self) -> Deferred:
+        self.calls.append("watchdog told bye")
+        return self.stopped
+
+
+class FakeDoor(Service):
+    def __init__(self, calls: list[str]):
+        self.calls = calls
+
+    def startService(self):
+        self.calls.append("door open")
+        super().startService()
+
+
+def test_the_watchdog_starts_before_a_door_and_is_told_bye_after_the_tasks_ended():
+    clock, cleaned, calls = Clock(), Deferred(), []
+    watchdog = FakeWatchdog(calls)
+    service = AgentService(FakeEngine(FakeTask(True, cleaned)), clock, shutdown_grace=1.0,
+                           watchdog=watchdog)
+    FakeDoor(calls).setServiceParent(service)
+    service.startService()
+    assert calls == ["watchdog started", "door open"], "no task can start unguarded"
+    stopped = []
+    service.stopService().addCallback(stopped.append)
+    assert "watchdog told bye" not in calls, "while a task's group may still live, it guards it"
+    cleaned.callback(None)
+    assert calls[-1] == "watchdog told bye"
+    assert stopped == []
+    watchdog.stopped.callback(None)
+    assert len(stopped) == 1
+
+
+def test_only_the_agents_own_process_gets_a_watchdog(tmp_path):
+    options = Options()
+    options.parseOptions(["--data-dir", str(tmp_path / "data")])
+    assert build(options, MemoryReactor()).watchdog is None
+    agent = build(options, MemoryReactor(), own_process=True)
+    assert isinstance(agent.watchdog, Watchdog)
+    assert agent.watchdog.observe in agent.engine._observers  # noqa: SLF001 - the wiring itself
+    assert agent.watchdog.observe_cleanup in agent.engine._cleanup_observers  # noqa: SLF001

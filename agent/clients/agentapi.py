@@ -87,9 +87,11 @@ class AgentApi:
         self._token: str | None = None
         self._tls = tls
 
-    def call(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
-             auth: bool = True, timeout: float = REQUEST_TIMEOUT) -> dict:
-        """One request; its JSON answer."""
+    def call(self, method: str, path: str | tuple[str, ...], query: dict | None = None,
+             body: dict | None = None, auth: bool = True,
+             timeout: float = REQUEST_TIMEOUT) -> dict:
+        """One request; its JSON answer. path: "/tasks/ID", or its segments ("fleet", "tasks",
+        KEY), each percent-encoded whole (a key may hold a slash)."""
         with self.open(method, path, query, body, auth, timeout) as response:
             try:
                 data = response.read()
@@ -98,16 +100,17 @@ class AgentApi:
         try:
             answer = json.loads(data)
         except ValueError:
-            raise ClientError(f"{self.url}{path} did not answer JSON; is --url the agent?") \
-                from None
+            raise ClientError(f"{self.url}{encoded(path)} did not answer JSON; is --url the "
+                              "agent?") from None
         if not isinstance(answer, dict):
-            raise ClientError(f"{self.url}{path} answered JSON that is not an object")
+            raise ClientError(f"{self.url}{encoded(path)} answered JSON that is not an object")
         return answer
 
-    def open(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
-             auth: bool = True, timeout: float = REQUEST_TIMEOUT, accept: str = "application/json"):
+    def open(self, method: str, path: str | tuple[str, ...], query: dict | None = None,
+             body: dict | None = None, auth: bool = True, timeout: float = REQUEST_TIMEOUT,
+             accept: str = "application/json"):
         """The response, its body unread (a stream's lines come as they are written)."""
-        url = self.url + urllib.parse.quote(path)
+        url = self.url + encoded(path)
         if query:
             url += "?" + urllib.parse.urlencode(query)
         headers = {"Accept": accept}
@@ -145,6 +148,15 @@ class AgentApi:
             hint = (f"; is the token in {self.token_file} this agent's? "
                     "(--token-file or AGENT_TOKEN_FILE)")
         return Refused(e.code, message, hint)
+
+
+def encoded(path: str | tuple[str, ...]) -> str:
+    """A path as it goes on the wire: a string quoted (its slashes kept), or segments each
+    quoted whole, '.' and '..' included (a client would take them for path steps)."""
+    if isinstance(path, str):
+        return urllib.parse.quote(path)
+    return "".join("/" + (urllib.parse.quote(segment, safe="") if segment not in (".", "..")
+                          else segment.replace(".", "%2E")) for segment in path)
 
 
 def _why(error) -> str:

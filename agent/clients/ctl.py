@@ -23,6 +23,7 @@ from agent.clients import ctlview
 from agent.clients.agentapi import (DEFAULT_TOKEN_FILE, DEFAULT_URL, AgentApi, ClientError,
                                     tls_context)
 from agent.clients.ctlargs import parse_args
+from agent.clients.ctlfleet import cmd_fleet, cmd_nodes
 from agent.clients.ctlrun import CANCEL_TIMEOUT, Interrupted, follow_output, run_task, start_task
 from agent.clients.ctlview import AGENT_FAILED
 
@@ -173,7 +174,8 @@ def task_body(args) -> dict:
 
 
 COMMANDS = {"tasks": cmd_tasks, "show": cmd_show, "run": cmd_run, "start": cmd_start,
-            "logs": cmd_logs, "cancel": cmd_cancel, "purge": cmd_purge, "health": cmd_health}
+            "logs": cmd_logs, "cancel": cmd_cancel, "purge": cmd_purge, "health": cmd_health,
+            "nodes": cmd_nodes, "fleet": cmd_fleet}
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ from agent.clients.agentapi import DEFAULT_TOKEN_FILE, DEFAULT_URL
 
 STATES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost")
 DOORS = ("tcp", "http")
+FLEET_STATES = ("queued", "running", "finished", "cancelled", "lost")
 
 DESCRIPTION = f"""\
-The agent's HTTP API from a terminal: list, start, follow, cancel and purge tasks.
+The agent's HTTP API from a terminal: list, start, follow, cancel and purge tasks;
+on an agent started with --fleet, the fleet's nodes and tasks too.
 
 The agent is --url (or $AGENT_URL, else {DEFAULT_URL}), its token the first
 line of --token-file (or $AGENT_TOKEN_FILE, else {DEFAULT_TOKEN_FILE}): the
@@ -24,6 +26,9 @@ examples:
   ID=$(agentctl start -- sleep 600); agentctl logs -f --both $ID
   agentctl cancel $ID && agentctl purge $ID
   AGENT_URL=http://node7:8080 AGENT_TOKEN_FILE=~/.agent/node7 agentctl health
+  agentctl nodes
+  agentctl fleet submit --id nightly-42 --label os=linux -- make -C /srv/app test
+  agentctl fleet show nightly-42
 
 exit status: 0 done; 2 bad arguments; 125 the agent or the network failed;
 `run`: the task's own status, or 124 timed out, 125 the agent failed,
@@ -99,7 +104,55 @@ def build_parser() -> argparse.ArgumentParser:
             listing=True).add_argument("id", metavar="ID")
     command("health", "the agent's health (no token needed); exits 1 while degraded",
             listing=True)
+    command("nodes", "the fleet's nodes (an agent started with --fleet)", listing=True)
+    _fleet_commands(command("fleet", "the fleet's tasks, through an agent started with --fleet",
+                            epilog=FLEET_EPILOG), common)
     return parser
+
+
+FLEET_EPILOG = """\
+examples:
+  agentctl fleet submit -- make test              # prints the new task's key
+  agentctl fleet submit --id nightly-42 --timeout 600 --label os=linux -- make test
+  agentctl fleet list --state running
+  agentctl fleet show nightly-42                  # attempts, output tails, where the rest is
+  agentctl fleet cancel nightly-42"""
+
+
+def _fleet_commands(fleet: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    commands = fleet.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
+
+    def command(name, help, epilog=None):
+        sub = commands.add_parser(name, help=help, description=help, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  parents=[common])
+        sub.add_argument("--json", action="store_true", help="print the API's JSON")
+        return sub
+
+    listing = command("list", "the fleet's tasks, newest first")
+    listing.add_argument("--state", choices=FLEET_STATES, help="only tasks in this state")
+    listing.add_argument("--node", metavar="NODE", help="only tasks last run on this node")
+    listing.add_argument("--limit", type=_positive_int, default=50, metavar="N",
+                         help="at most N tasks (default 50)")
+    command("show", "one fleet task: its attempts, the tails of its output and where the "
+                    "whole output is").add_argument("task_key", metavar="KEY")
+    submit = command("submit", "queue a task for the fleet and print its key",
+                     epilog="example:\n  agentctl fleet submit --id build-7 -- make test")
+    submit.add_argument("--id", metavar="KEY",
+                        help="its key: a key already used with the same command attaches to "
+                             "that task, with another one is refused (default: a new key)")
+    submit.add_argument("--timeout", type=_seconds, metavar="S",
+                        help="seconds it may run (default: no limit)")
+    submit.add_argument("--label", type=_variable, action="append", metavar="K=V",
+                        help="a node label it needs (repeatable)")
+    submit.add_argument("--max-attempts", type=_positive_int, metavar="N",
+                        help="starts on some node before it is lost (default 3)")
+    submit.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARG...",
+                        help="the program and its arguments: an argv, never a shell line")
+    submit.usage = "agentctl fleet submit [options] -- CMD ARG..."
+    submit.set_defaults(check=lambda args: _argv_given(submit, args))
+    command("cancel", "cancel a fleet task: a queued one at once, a running one by its "
+                      "node").add_argument("task_key", metavar="KEY")
 
 
 def _task_arguments(sub: argparse.ArgumentParser) -> None:
@@ -117,7 +170,8 @@ def _argv_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.argv[:1] == ["--"]:
         args.argv = args.argv[1:]
     if not args.argv:
-        parser.error(f"give the command after --, as in agentctl {args.command} -- echo hello")
+        name = " ".join(filter(None, (args.command, getattr(args, "fleet_command", None))))
+        parser.error(f"give the command after --, as in agentctl {name} -- echo hello")
 
 
 def _positive_int(text: str) -> int:

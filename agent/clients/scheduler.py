@@ -1,8 +1,9 @@
 """`agent-scheduler`: send task requests to one or more agents and print the results.
 
     agent-scheduler [--agent HOST:PORT]... [--pace MS] [--ca CA.pem [--cert C --key K]] [FILE]
+    agent-scheduler --fleet DSN [--fleet-password-file FILE] [--no-wait] [FILE]
 
-Two modes:
+Three modes:
 - default: each agent connection carries one task at a time; a task answered
   "cannot allow concurrent executions" goes back to the head of the queue for
   the next free agent (the same one after a back-off when it is alone), so a
@@ -12,6 +13,10 @@ Two modes:
 - --pace MS: seed A's reference scheduler, exactly: one connection to the
   first agent, a request line every MS milliseconds without waiting, then as
   many result lines as were sent, each within 10 s.
+
+- --fleet DSN: no agent is named; the batch goes to the fleet's queue in
+  PostgreSQL, where every agent started with --fleet takes work from (see
+  agent.clients.fleet_submit), and each result is read back from there.
 
 With --ca every connection is TLS: the agent's certificate must be signed by
 --ca for the HOST of --agent; --cert and --key show the client certificate an
@@ -44,8 +49,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agent.clients.batch import InputError, Summary, parse_requests, read_input
 from agent.clients.progress import Progress
-from agent.doors.tcp.wire import BUSY_ERROR, TIMEOUT_ERROR
+from agent.doors.tcp.wire import BUSY_ERROR, TIMEOUT_UNITS
 from agent.tls import ClientTLS, tls_error_text
 
 DEFAULT_AGENT = "127.0.0.1:3000"
@@ -57,37 +63,7 @@ MAX_RECONNECTS = 3
 MAX_RESULT_LINE = 1 << 30  # a result carries a task's whole stdout, JSON-escaped
 
 
-# -- pure parts: input, addresses, back-off, summary
-
-
-class InputError(ValueError):
-    """The request file cannot be read as JSON lines or a JSON array."""
-
-
-def parse_requests(text: str) -> list[dict]:
-    """Requests as JSON lines (the reference format) or as one JSON array.
-
-    Blank lines are skipped; an error names the line (or array element) so a
-    long batch file can be fixed without bisecting it.
-    """
-    if text.lstrip().startswith("["):
-        try:
-            requests = json.loads(text)
-        except ValueError as e:
-            raise InputError(f"input is not a valid JSON array: {e}") from None
-        numbered, where = list(enumerate(requests, 1)), "element"
-    else:
-        numbered, where = [], "line"
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((number, json.loads(line)))
-                except ValueError as e:
-                    raise InputError(f"line {number} is not valid JSON: {e}") from None
-    for number, request in numbered:
-        if not isinstance(request, dict):
-            raise InputError(f"{where} {number} is not a JSON object")
-    return [request for _, request in numbered]
+# -- pure parts: addresses, back-off (the input and the summary: agent.clients.batch)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -101,37 +77,6 @@ def parse_address(text: str) -> tuple[str, int]:
 def backoff(streak: int) -> float:
     """Seconds to leave a node alone after `streak` + 1 busy answers in a row."""
     return min(FIRST_BACKOFF * 2 ** streak, MAX_BACKOFF)
-
-
-@dataclass
-class Summary:
-    sent: int = 0  # tasks written at least once
-    ok: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    busy: int = 0  # busy answers printed as results (pace mode)
-    missing: int = 0  # tasks without a result
-    retried: int = 0  # busy answers the default mode sent again
-    asked_again: int = 0  # tasks with an id asked for again after a dropped connection
-
-    def count(self, result: dict) -> None:
-        error = result.get("error")
-        if error == TIMEOUT_ERROR:
-            self.timed_out += 1
-        elif error == BUSY_ERROR:
-            self.busy += 1
-        elif result.get("exit_code") == 0 and not error:
-            self.ok += 1
-        else:
-            self.failed += 1
-
-    def line(self, elapsed: float) -> str:
-        retried = f"{self.retried} busy answers retried, " if self.retried else ""
-        asked = (f"{self.asked_again} asked for again after a dropped connection, "
-                 if self.asked_again else "")
-        return (f"agent-scheduler: {self.sent} sent, {self.ok} ok, {self.failed} failed, "
-                f"{self.timed_out} timed out, {self.busy} busy, {self.missing} without result, "
-                f"{retried}{asked}{elapsed:.2f} s")
 
 
 # -- one connection
@@ -495,10 +440,18 @@ def _reason(e: Exception) -> str:
 
 class Options(usage.Options):
     synopsis = ("Usage: agent-scheduler [--agent HOST:PORT]... [--pace MS] "
-                "[--ca CA.pem [--cert CERT.pem --key KEY.pem]] [FILE]")
+                "[--ca CA.pem [--cert CERT.pem --key KEY.pem]] [FILE]\n"
+                "       agent-scheduler --fleet DSN [--fleet-password-file FILE] [--no-wait] "
+                "[--timeout-unit s|ms] [FILE]")
     longdesc = ("Send the task requests in FILE (JSON lines or a JSON array; default stdin) "
-                "to the agents, print each result as a JSON line on stdout and a summary "
-                "on stderr.")
+                "to the agents, or with --fleet to the fleet's queue in PostgreSQL, print each "
+                "result as a JSON line on stdout and a summary on stderr. Exit status: 0 when "
+                "every task got a result (whatever it says), 1 when some did not (or, with "
+                "--no-wait, were refused), 2 for bad arguments or input.")
+    optFlags = [
+        ["no-wait", None, "With --fleet: print each task's key (one a line) as it is queued, "
+         "and return once all are, without waiting for results."],
+    ]
     optParameters = [
         ["pace", None, None, "Reference mode: one connection to the first agent, "
          "a request every MS milliseconds without waiting for results.", float],
@@ -506,6 +459,14 @@ class Options(usage.Options):
          "CA certificates (PEM) signed for the HOST given in --agent."],
         ["cert", None, None, "Client certificate (PEM) to show an agent's mtls: door; needs --ca."],
         ["key", None, None, "Private key of --cert (PEM, unencrypted); default: the --cert file."],
+        ["fleet", None, None, "Submit to the fleet instead of to agents: a PostgreSQL connection "
+         "string (libpq key=value or postgresql:// URL); each task's key is its id (or one made "
+         "up), a known key with the same command attaches to that task, with another is "
+         "refused; waits for every result. See docs/fleet.md."],
+        ["fleet-password-file", None, None, "With --fleet: a file whose first line is the "
+         "database's password (else the DSN's, or PGPASSFILE's); never printed."],
+        ["timeout-unit", None, None, "With --fleet: the unit of the requests' \"timeout\", s or "
+         "ms (the fleet's tasks count in seconds) [default: s]."],
     ]
 
     def __init__(self):
@@ -520,11 +481,40 @@ class Options(usage.Options):
         self["file"] = file
 
     def postOptions(self):
+        self["fleet_dsn"] = self._fleet_dsn()
+        if self["fleet_dsn"] is not None:
+            return
         if not self["agents"]:
             self["agents"] = [parse_address(DEFAULT_AGENT)]
         if self["pace"] is not None and not 0 <= self["pace"] < float("inf"):
             raise usage.UsageError("--pace wants a number of milliseconds, 0 or more")
         self["tls"] = self._client_tls()
+
+    def _fleet_dsn(self) -> str | None:
+        """The connection string --fleet and --fleet-password-file make; the other mode's
+        options are refused with it (and its own without it)."""
+        if self["fleet"] is None:
+            for name in ("no-wait", "fleet-password-file", "timeout-unit"):
+                if self[name]:
+                    raise usage.UsageError(f"--{name} needs --fleet")
+            return None
+        for name in ("pace", "ca", "cert", "key"):
+            if self[name] is not None:
+                raise usage.UsageError(f"--{name} is for agents, not for --fleet")
+        if self["agents"]:
+            raise usage.UsageError("--agent and --fleet are two ways to run a batch: give one")
+        if self["timeout-unit"] not in (None, *TIMEOUT_UNITS):
+            raise usage.UsageError(f"--timeout-unit wants s or ms, not {self['timeout-unit']!r}")
+        from agent.fleet import dsn as dsns  # psycopg: a third of the TCP modes' start-up
+        try:
+            dsn = dsns.with_password_file(self["fleet"], self["fleet-password-file"])
+            dsns.parse(dsn)
+        except OSError as e:
+            raise usage.UsageError(f"--fleet-password-file: cannot read it: "
+                                   f"{e.strerror or e}") from None
+        except dsns.BadDsn as e:
+            raise usage.UsageError(str(e)) from None
+        return dsn
 
     def _client_tls(self) -> ClientTLS | None:
         if self["key"] and not self["cert"]:
@@ -539,24 +529,13 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def read_input(path: str | None) -> str:
-    """The request file (stdin for None or '-') as text, errors as InputError."""
-    try:
-        if path in (None, "-"):
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-    except OSError as e:
-        raise InputError(f"cannot read {path or 'stdin'}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"line {line} is not UTF-8") from None
-
-
 async def _run(reactor, options: Options) -> None:
+    if options["fleet_dsn"] is not None:
+        from agent.clients import fleet_submit  # as dsns above: only --fleet needs psycopg
+        await fleet_submit.run_batch(reactor, options["fleet_dsn"], options["file"],
+                                     wait=not options["no-wait"],
+                                     timeout_scale=TIMEOUT_UNITS[options["timeout-unit"] or "s"])
+        return
     try:
         requests = parse_requests(read_input(options["file"]))
     except InputError as e:

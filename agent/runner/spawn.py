@@ -82,15 +82,19 @@ class LargeChunkReader(process.ProcessReader):
 
 
 class GroupProcess(process.Process):
-    """A forked child that leads a new process group (pgid == pid): for what
-    posix_spawn cannot do (a working directory, resource limits)."""
+    """A forked child that leads a new process group (pgid == pid), or a new session
+    (and so a new group too) with new_session: for what posix_spawn cannot do (a
+    working directory, resource limits, a session, signals ignored from the start)."""
 
     processReaderFactory = LargeChunkReader
 
-    def __init__(self, *args, rlimits: Sequence[tuple[int, tuple[int, int]]] = (), **kwargs):
-        # setrlimit calls for the child, made after the fork. Set before
-        # Process.__init__, which forks.
+    def __init__(self, *args, rlimits: Sequence[tuple[int, tuple[int, int]]] = (),
+                 new_session: bool = False, ignore_signals: Sequence[int] = (), **kwargs):
+        # setrlimit calls, setsid and ignored signals for the child, made after the
+        # fork. Set before Process.__init__, which forks.
         self.rlimits = list(rlimits)
+        self.new_session = new_session
+        self.ignore_signals = list(ignore_signals)
         super().__init__(*args, **kwargs)
 
     def _trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs):
@@ -112,8 +116,13 @@ class GroupProcess(process.Process):
             raise OSError(code, os.strerror(code), executable)
 
     def _setupChild(self, fdmap):
-        os.setpgid(0, 0)
-        super()._setupChild(fdmap)
+        if self.new_session:
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
+        super()._setupChild(fdmap)  # which ends by giving every signal its default action
+        for number in self.ignore_signals:  # SIG_IGN survives exec: no moment unprotected
+            signal.signal(number, signal.SIG_IGN)
 
     def _execChild(self, path, uid, gid, executable, args, environment):
         os.set_inheritable(self._exec_report_fd, False)  # closed by a successful exec
@@ -156,23 +165,30 @@ def posix_spawn_group(executable: str, argv: Sequence[str], environment,
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,
                    cwd: str | None = None, child_fds: Mapping[int, object] | None = None,
-                   limits: Sequence[tuple[str, int]] = (), executable: str | None = None):
+                   limits: Sequence[tuple[str, int]] = (), executable: str | None = None,
+                   new_session: bool = False, ignore_signals: Sequence[int] = ()):
     """Start argv as a new process group connected to protocol; raise OSError if it cannot start.
 
     argv[0] without a slash is searched on PATH; with one it is relative to
     the task's working directory, unless executable names the file to run.
     limits are (name, value) pairs of RLIMITS. child_fds: the child's
     descriptors, each "r" (a pipe the agent reads), "w" (one it writes) or a
-    descriptor of the agent's to hand over.
+    descriptor of the agent's to hand over. new_session: in a session of its
+    own as well (setsid), out of reach of the terminal's and the agent's group
+    signals. ignore_signals: signals the program starts with ignored, before its
+    first instruction (a program that ignores them itself would die of one that
+    comes while it starts).
     """
     environment = environment_bytes() if env is None else dict(env)  # the agent's, as it is now
     child_fds = dict(child_fds or {0: "w", 1: "r", 2: "r"})
     rlimits = resolve_limits(limits)
-    if cwd is None and not rlimits and _spawnable(child_fds):
+    if cwd is None and not rlimits and not new_session and not ignore_signals \
+            and _spawnable(child_fds):
         return spawn_child(reactor, protocol, executable or argv[0], list(argv), environment,
                            child_fds, posix_spawn_group, ignored_signals(signal.NSIG))
     return GroupProcess(reactor, executable or argv[0], list(argv), environment, cwd, protocol,
-                        childFDs=child_fds, rlimits=rlimits)
+                        childFDs=child_fds, rlimits=rlimits, new_session=new_session,
+                        ignore_signals=ignore_signals)
 
 
 def _spawnable(child_fds: Mapping[int, object]) -> bool:

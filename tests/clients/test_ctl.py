@@ -40,7 +40,9 @@ def test_a_task_body_leaves_out_what_was_not_given():
     ["run", "--timeout", "soon", "--", "true"], ["run", "--env", "NOEQUALS", "--", "true"],
     ["run", "--env", "=v", "--", "true"], ["tasks", "--limit", "0"], ["tasks", "--state", "ok"],
     ["tasks", "--door", "ssh"], ["logs", "--stderr", "--both", "ID"], ["logs"], ["show"],
-    ["nodes"], [],
+    ["nodez"], [], ["fleet"], ["fleet", "show"], ["fleet", "cancel"], ["fleet", "submit"],
+    ["fleet", "submit", "--", ], ["fleet", "list", "--state", "succeeded"],
+    ["fleet", "submit", "--label", "os", "--", "true"], ["fleet", "purge", "k"],
 ])
 def test_bad_arguments_exit_2_with_a_usage_message(argv, capsys):
     with pytest.raises(SystemExit) as exited:

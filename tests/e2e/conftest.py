@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.runner.procinfo import proc_stat
 from tests.procs import session_members, wait_until_empty
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 LISTENING = re.compile(r"(?P<what>[\w ]+?) listening on (?P<host>[\d.]+):(?P<port>\d+)")
+WATCHDOG_STARTED = re.compile(r"watchdog (?P<pid>\d+) started")
 
 
 class AgentProcess:
@@ -97,8 +99,10 @@ class AgentProcess:
             raise AssertionError("agent did not exit after " + signal.Signals(sig).name)
 
     def kill_everything(self):
-        """Teardown of last resort: the agent's whole session, task groups included."""
-        for pid in session_members(self.proc.pid):
+        """Teardown of last resort: the agent's whole session, task groups included,
+        and its watchdogs."""
+        running = [pid for pid in self.watchdogs if watchdog_running(pid)]
+        for pid in session_members(self.proc.pid) + running:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -108,14 +112,56 @@ class AgentProcess:
     def survivors(self, timeout: float = 5.0) -> list[int]:
         return wait_until_empty(session_members, self.proc.pid, timeout)
 
+    @property
+    def watchdogs(self) -> list[int]:
+        """The pid of every watchdog the agent has started, oldest first (its own session,
+        so survivors() cannot see it)."""
+        with self._changed:
+            return [int(m["pid"]) for line in self.log_lines
+                    for m in [WATCHDOG_STARTED.search(line)] if m]
+
+    def wait_for_watchdog(self, count: int = 1, timeout: float = 10.0) -> int:
+        """The pid of the agent's count-th watchdog, once the log says it started."""
+        self._wait_for(lambda: len(self.watchdogs) >= count, timeout,
+                       f"the agent never started watchdog number {count}")
+        return self.watchdogs[count - 1]
+
+    def watchdog_survivors(self, timeout: float = 5.0) -> list[int]:
+        """The agent's watchdogs still running once timeout has passed (zombies are gone)."""
+        return wait_until_empty(lambda _: [pid for pid in self.watchdogs if watchdog_running(pid)],
+                                0, timeout)
+
+    def kill_9_with_its_watchdog(self) -> None:
+        """kill -9 of the agent and of its watchdog, as an OOM killer might: nothing is
+        left to kill the task groups until the next start. The agent is stopped first,
+        so it cannot start another watchdog in between."""
+        self.proc.send_signal(signal.SIGSTOP)
+        for pid in self.watchdogs:
+            if watchdog_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
     def finish(self) -> None:
         """A test's teardown: stop the agent if it still runs, and prove nothing outlived it."""
         if self.proc.poll() is None:
             self.stop()
-        leftovers = self.survivors()
+        leftovers = self.survivors() + self.watchdog_survivors()
         if leftovers:
             self.kill_everything()
         assert not leftovers, f"processes outlived the agent: {leftovers}"
+
+
+def watchdog_running(pid: int) -> bool:
+    """Whether pid is a live watchdog program (not a zombie, not a reused pid)."""
+    stat = proc_stat(pid)
+    if stat is None or stat.zombie:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"agent.runner.watchdog_main" in f.read()
+    except OSError:
+        return False
 
 
 def _as_from_a_shell(nofile: int | None, one_cpu: bool = False):

@@ -110,6 +110,10 @@ def test_sign_in_launch_watch_cancel_and_purge_in_a_real_browser(start_agent, tm
     _wait(driver, lambda d: _visible(d, "view-list"))
     assert driver.execute_script("return sessionStorage.getItem('agent-token')") == token
 
+    driver.find_element(By.ID, "nav-fleet").click()  # this agent is in no fleet: it says so
+    _wait(driver, lambda d: _visible(d, "view-fleet") and _visible(d, "fleet-none"))
+    assert _text(driver, "fleet-none") == "this agent is not in a fleet (--fleet)"
+
     driver.find_element(By.ID, "nav-launch").click()
     _wait(driver, lambda d: _visible(d, "view-launch"))
     driver.find_element(By.ID, "launch-command").send_keys("python3")
@@ -155,10 +159,32 @@ def test_sign_in_launch_watch_cancel_and_purge_in_a_real_browser(start_agent, tm
 
     assert driver.get_cookies() == []
     problems = [entry for entry in driver.get_log("browser")
-                if entry["level"] == "SEVERE" and "401" not in entry["message"]]
+                if entry["level"] == "SEVERE" and "401" not in entry["message"]
+                and "/fleet/nodes - " not in entry["message"]]  # its 404: in no fleet
     assert problems == [], json.dumps(problems, indent=1)
     assert token not in agent.log  # never in a URL the agent logged
     agent.wait_for_log(f'"POST /tasks/{task_id}/cancel HTTP/1.1" 200')
+
+
+def test_the_fleet_panel_lists_the_nodes_of_an_agent_in_a_fleet(start_agent, tmp_path,
+                                                               browser, fleet_dsn):
+    data = tmp_path / "data"
+    agent = start_agent("--http", "tcp:0:interface=127.0.0.1", "--data-dir", str(data),
+                        "--fleet", fleet_dsn, "--node-id", "node7", "--labels", "os=linux",
+                        "--parallel", "4", "--fleet-url", "http://node7.example.com:8080",
+                        doors=("TCP task protocol", "HTTP API"))
+    agent.wait_for_log("joined the fleet")
+    browser.get(f"http://127.0.0.1:{agent.ports['HTTP API']}/#/fleet")
+    _wait(browser, lambda d: _visible(d, "view-sign-in"))
+    _sign_in(browser, (data / "token").read_text().strip())
+
+    row = "tr[data-id='node7'] td"
+    _wait(browser, lambda d: _visible(d, "view-fleet") and d.find_elements(By.CSS_SELECTOR, row))
+    cells = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, row)]
+    assert cells[:3] == ["node7", "up", "0 / 4"] and cells[4:] == [
+        "os=linux", "http://node7.example.com:8080"], cells
+    assert cells[3].endswith(" s ago") and not _visible(browser, "fleet-none")
+    _shot(browser, "fleet")
 
 
 def _alert(driver):

@@ -9,11 +9,14 @@ import sys
 import pytest
 import pytest_twisted
 from twisted.internet import error, task
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent.core.outcome import Ending
 from agent.runner.process import DRAIN_GRACE, StdoutCollector, start_task
+from agent.runner.spawn import spawn_in_group
 from tests.fakes import FakeSpawner, KillRecorder, exit_with
 from tests.procs import group_members, wait_until_empty
 
@@ -221,6 +224,44 @@ async def test_children_do_not_inherit_ignored_sigpipe():
     await runner.ended
     ignored_mask = int(sink.text().split()[1], 16)
     assert not ignored_mask & (1 << (signal.SIGPIPE - 1))
+
+
+class _Collected(ProcessProtocol):
+    """A bare protocol for spawn_in_group: stdout, and the end."""
+
+    def __init__(self):
+        self.out = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
+@pytest.mark.parametrize("cwd", [None, "/"], ids=["posix_spawn", "fork"])
+@pytest_twisted.ensureDeferred
+async def test_a_child_may_lead_a_session_of_its_own(cwd):
+    from twisted.internet import reactor
+    protocol = _Collected()
+    spawn_in_group(reactor, protocol, ["sh", "-c", "ps -o sid=,pgid= -p $$; echo $$"],
+                   cwd=cwd, new_session=True)
+    await protocol.ended
+    sid, pgid, pid = map(int, protocol.out.split())
+    assert sid == pgid == pid != os.getsid(0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_may_start_with_signals_ignored_and_keep_them_past_exec():
+    from twisted.internet import reactor
+    protocol = _Collected()
+    spawn_in_group(reactor, protocol, ["grep", "SigIgn", "/proc/self/status"],
+                   ignore_signals=[signal.SIGTERM, signal.SIGHUP])
+    await protocol.ended
+    ignored_mask = int(protocol.out.split()[1], 16)
+    assert ignored_mask & (1 << (signal.SIGTERM - 1)) and ignored_mask & (1 << (signal.SIGHUP - 1))
+    assert not ignored_mask & (1 << (signal.SIGPIPE - 1)), "only those asked for"
 
 
 @pytest_twisted.ensureDeferred

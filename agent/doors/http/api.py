@@ -17,15 +17,21 @@ from agent.metrics import CONTENT_TYPE as METRICS_TYPE, Metrics
 from agent.doors.http.auth import TokenAuth
 from agent.doors.http.body import MAX_BODY, CappedContent
 from agent.doors.http.dashboard import Dashboard
+from agent.doors.http.fleet import FleetEndpoints
 from agent.doors.http.openapi import document
 from agent.doors.http.output import OutputEndpoint
 from agent.doors.http.router import Response, Route, Router
 from agent.doors.http.tasks import TaskEndpoints
+from agent.fleet.database import Database
 
 
 def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float, clock: IReactorTime,
-           environ: Mapping[str, str] = os.environ, *, metrics: Metrics) -> list[Route]:
+           environ: Mapping[str, str] = os.environ, *, metrics: Metrics,
+           fleet: Database | None = None) -> list[Route]:
+    """fleet: the door's own connection to the fleet database (--fleet), else None: the
+    fleet's paths then answer 404."""
     tasks = TaskEndpoints(engine, store, lane, kill_grace, environ)
+    fleet_endpoints = FleetEndpoints(fleet)
     output = OutputEndpoint(store, clock)
     spec = document()
     dashboard = Dashboard()
@@ -43,6 +49,11 @@ def routes(engine: Engine, store: Store, lane: Lane, kill_grace: float, clock: I
         Route("GET", "/tasks/{id}/output", output.get),
         Route("GET", "/metrics", lambda request: Response(200, metrics.exposition(),
                                                           content_type=METRICS_TYPE)),
+        Route("GET", "/fleet/nodes", fleet_endpoints.nodes),
+        Route("GET", "/fleet/tasks", fleet_endpoints.list),
+        Route("POST", "/fleet/tasks", fleet_endpoints.submit, scope="run"),
+        Route("GET", "/fleet/tasks/{key}", fleet_endpoints.show),
+        Route("POST", "/fleet/tasks/{key}/cancel", fleet_endpoints.cancel, scope="cancel"),
     ]
 
 
@@ -156,8 +167,9 @@ class ApiSite(Site):
 
 def make_site(engine: Engine, store: Store, lane: Lane, auth: TokenAuth, kill_grace: float,
               clock: IReactorTime, environ: Mapping[str, str] = os.environ, *,
-              metrics: Metrics) -> ApiSite:
+              metrics: Metrics, fleet: Database | None = None) -> ApiSite:
     """clock also drives the site's own timers (header deadline, idle timeout).
-    metrics: the agent's, served on GET /metrics; the site's own refusals go to the engine."""
-    api = routes(engine, store, lane, kill_grace, clock, environ, metrics=metrics)
+    metrics: the agent's, served on GET /metrics; the site's own refusals go to the engine.
+    fleet: the door's connection to the fleet database, if the agent is in one."""
+    api = routes(engine, store, lane, kill_grace, clock, environ, metrics=metrics, fleet=fleet)
     return ApiSite(Router(api, auth, refused=partial(engine.refused, "http")), reactor=clock)

@@ -11,6 +11,10 @@ from agent.core.request import LIMIT_NAMES, MAX_ID
 from agent.core.outcome import REASONS
 from agent.doors.http.output import MAX_OFFSET
 from agent.doors.http.dashboard import FILES as PAGE_FILES, HEADERS as PAGE_HEADERS
+from agent.doors.http import openapi_fleet
+from agent.doors.http.openapi_shapes import (NO_CONTROL, NO_NUL, REFUSED as _REFUSED,
+                                             error as _error, header as _header,
+                                             json_content as _json, or_null as _or_null)
 from agent.history.store import STATES
 from agent.history.table import MAX_INTEGER
 
@@ -52,12 +56,8 @@ TASK_PROPERTIES: dict[str, Any] = {
                                    "'cert:SUBJECT' with client certificates, else 'tcp:HOST:PORT'"},
 }
 
-NO_NUL = r"^[^\x00]*$"
-"""What every string of a command must match: exec cannot pass a NUL."""
 ENV_NAME = r"^[^=\x00]*$"
 """What an environment variable's name must match, besides not being empty."""
-NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
-"""What an id (an idempotency key) must match: it reaches logs and headers."""
 _KEY = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": NO_CONTROL}
 HEADER_KEY = r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$"
 """A key in a header: printable ASCII, not blank (HTTP drops the spaces around a value)."""
@@ -89,44 +89,14 @@ NEW_TASK_PROPERTIES: dict[str, Any] = {
 """A task body's fields (agent.doors.http.body.parse_task); only command is required."""
 
 
-def _or_null(schema: dict) -> dict:
-    """schema, or null: an optional field of a task body sent as null is taken as absent."""
-    return {**schema, "type": [schema["type"], "null"]}
-
-
 _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "pattern": TASK_ID}}
-
-
-def _json(schema_name: str) -> dict:
-    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
-
-
-def _header(description: str, schema: dict | None = None, required: bool = False) -> dict:
-    return {"description": description, "schema": schema or {"type": "string"},
-            **({"required": True} if required else {})}
-
-
-def _error(description: str, retry_after: bool = False, headers: dict | None = None) -> dict:
-    error = {"description": description, **_json("Error")}
-    headers = dict(headers or {})
-    if retry_after:
-        headers["Retry-After"] = _header("seconds after which a retry may succeed",
-                                         {"type": "integer", "minimum": 0}, required=True)
-    if headers:
-        error["headers"] = headers
-    return error
 
 
 _STATE = {"type": "string", "enum": list(STATES)}
 
 _PAGE_HEADERS = {name.decode(): _header("always " + value.decode(), {"type": "string", "const": value.decode()}, required=True)
                  for name, value in PAGE_HEADERS.items()}
-_REFUSED = {"401": _error("no or a wrong bearer token", headers={
-                "WWW-Authenticate": _header("Bearer realm=\"agent\", with "
-                                            "error=\"invalid_token\" for a wrong token",
-                                            required=True)}),
-            "403": _error("the token lacks the scope this needs (the message names it)")}
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key", "in": "header", "schema": {**_KEY, "pattern": HEADER_KEY},
     "description": "the task's id, as the body's id: a key the agent already knows starts "
@@ -175,7 +145,8 @@ def document() -> dict[str, Any]:
         "info": {"title": "agent HTTP API", "version": "1",
                  "description": "Run commands as long-running tasks, follow their output, "
                                 "cancel them, and read the history of every task, "
-                                "whichever door (TCP or HTTP) started it."},
+                                "whichever door (TCP or HTTP) started it; on an agent "
+                                "started with --fleet, the fleet's nodes and tasks too."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
@@ -212,6 +183,7 @@ def document() -> dict[str, Any]:
                                     "description": "records given up (over 100000 waiting)"}}}}},
                 "Error": {"type": "object", "required": ["error"],
                           "properties": {"error": {"type": "string"}}},
+                **openapi_fleet.SCHEMAS,
             },
         },
         "security": [{"bearer": []}],
@@ -387,5 +359,6 @@ def document() -> dict[str, Any]:
                         "429": _error("follow=true: 256 follow responses are open on the "
                                       "agent, or 64 for this token", retry_after=True),
                         **_REFUSED}}},
+            **openapi_fleet.PATHS,
         },
     }

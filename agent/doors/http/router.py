@@ -164,9 +164,11 @@ _INTERNAL_ERROR = Response(500, {"error": "internal error; see the agent's log"}
 
 
 def _target(request) -> tuple[str, str, list[str]]:
-    """(method, path, path segments) of a request, percent-decoded."""
-    path = unquote(request.path.decode("utf-8", "replace")).rstrip("/")
-    return request.method.decode("ascii", "replace").upper(), path, path.strip("/").split("/")
+    """(method, path, path segments) of a request, each segment percent-decoded after the
+    split, so that a %2F inside one (a fleet key with a slash) stays in that segment."""
+    raw = request.path.decode("utf-8", "replace").rstrip("/")
+    segments = [unquote(segment) for segment in raw.strip("/").split("/")]
+    return (request.method.decode("ascii", "replace").upper(), unquote(raw), segments)
 
 
 def _encoded(body) -> bytes:

@@ -50,9 +50,12 @@ class MemoryApi:
     """The API as make_site builds it, over an inline store and fake children on one Clock."""
 
     def __init__(self, data_dir, max_running: int = 8, kill_grace: float = 5.0,
-                 max_log_bytes: int = 1 << 20):
+                 max_log_bytes: int = 1 << 20, fleet=None, auth: TokenAuth | None = None):
+        """fleet(clock): the fleet Database the door gets (tests/doors/http/fleetdb.py), if
+        any. auth: the tokens (default: TOKEN, with every scope)."""
         self.clock = task.Clock()
         self.clock.advance(NOW)
+        self.fleet = None if fleet is None else fleet(self.clock)
         self.store = inline_store(data_dir, self.clock, max_log_bytes)
         self.metrics = Metrics(live=lambda: self.engine.live.values(), health=self.store.health,
                                process=False)
@@ -61,8 +64,8 @@ class MemoryApi:
                         refusal_observers=[self.metrics.refused])
         self.engine, self.spawn, self.kills = host.engine, host.spawn, host.kills
         self.site = make_site(self.engine, self.store, Lane(max_running),
-                              TokenAuth({}).with_admin(TOKEN), kill_grace,
-                              self.clock, environ={}, metrics=self.metrics)
+                              auth or TokenAuth({}).with_admin(TOKEN), kill_grace,
+                              self.clock, environ={}, metrics=self.metrics, fleet=self.fleet)
         self._client = _stub_serving(self.site)
 
     # -- requests
@@ -136,6 +139,8 @@ class MemoryApi:
     def close(self) -> None:
         self.engine.cancel_all("test over")
         self.result(self.store.close())
+        if self.fleet is not None:
+            self.result(self.fleet.close())
 
 
 def _stub_serving(site: Site) -> StubTreq:

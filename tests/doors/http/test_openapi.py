@@ -99,7 +99,9 @@ def test_each_documented_operation_answers_with_a_documented_status(memory_api):
         code = memory_api.result(sent).code
         documented = SPEC["paths"][path][method.lower()]["responses"]
         assert str(code) in documented, (method, path, code)
-        assert code < 300, (method, path, code)
+        # not in a fleet, the fleet's paths answer a documented 404; in one, they succeed
+        # (tests/doors/http/test_fleet_scopes_openapi.py)
+        assert code < 300 or path.startswith("/fleet/"), (method, path, code)
 
 
 def test_the_served_document_is_this_one(memory_api):

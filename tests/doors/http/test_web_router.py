@@ -54,6 +54,11 @@ def test_path_parameters_reach_the_handler(stub):
     assert (response.code, body) == (200, {"id": "abc"})
 
 
+def test_a_parameter_is_percent_decoded_after_the_path_is_split(stub):
+    response, body = _call(stub, "GET", "/things/a%2Fpoke%20%C3%BC", _auth())
+    assert (response.code, body) == (200, {"id": "a/poke \u00fc"})
+
+
 def test_unknown_path_is_a_json_404(stub):
     response, body = _call(stub, "GET", "/nope", _auth())
     assert response.code == 404 and "no such endpoint" in body["error"]

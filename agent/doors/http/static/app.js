@@ -284,6 +284,38 @@ async function purgeTask() {
   }
 }
 
+// -- the fleet's nodes (GET /fleet/nodes, on an agent started with --fleet)
+
+async function loadNodes() {
+  try {
+    const nodes = (await api("GET", "/fleet/nodes")).nodes;
+    const rows = nodes.map((node) => {
+      const row = el("tr", null, "node");
+      row.dataset.id = node.id;
+      const labels = Object.entries(node.labels).map(([k, v]) => k + "=" + v).join(", ");
+      row.append(el("td", node.id), el("td", node.state, "state node-" + node.state),
+                 el("td", node.running + " / " + (node.parallel || "unlimited")),
+                 el("td", node.heartbeat_age.toFixed(1) + " s ago"), el("td", labels),
+                 el("td", node.http || ""));
+      return row;
+    });
+    $("nodes").tBodies[0].replaceChildren(...rows);
+    $("nodes").hidden = false;
+    $("fleet-none").hidden = true;
+  } catch (error) {
+    if (error instanceof Refused) return failed(error);
+    $("nodes").hidden = true;
+    $("fleet-none").textContent = error.message;  // "this agent is not in a fleet (--fleet)"
+    $("fleet-none").hidden = false;
+  }
+}
+
+function fleetView() {
+  show("fleet");
+  loadNodes();
+  refresher = setInterval(loadNodes, REFRESH_MS);
+}
+
 // -- launching
 
 function addRow(list, fields) {
@@ -339,6 +371,7 @@ function route() {
   const task = /^tasks\/([0-9a-f]+)$/.exec(hash);
   if (task) taskView(task[1]);
   else if (hash === "launch") launchView();
+  else if (hash === "fleet") fleetView();
   else listView();
 }
 
