@@ -319,7 +319,6 @@ class Options(usage.Options):
 
     def check_fleet(self) -> None:
         """The fleet's options: a readable DSN and password file, labels, a sane lease."""
-        from agent.fleet import dsn as dsns
         self.labels = parse_labels(self["labels"])
         self.fleet_dsn = None
         if self["fleet"] is None:
@@ -327,6 +326,7 @@ class Options(usage.Options):
                 if self[name] is not None:
                     raise usage.UsageError(f"--{name} needs --fleet")
             return
+        from agent.fleet import dsn as dsns  # psycopg: only for an agent in a fleet
         if not 1.0 <= self["fleet-lease"] <= 3600:
             raise usage.UsageError("--fleet-lease must be between 1 and 3600 seconds")
         if not 0.05 <= self["fleet-poll"] <= 3600:
