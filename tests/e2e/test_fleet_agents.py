@@ -13,7 +13,7 @@ import pytest
 from agent.fleet import tasks
 from agent.fleet.records import Submission
 from tests.e2e.netcut import NetCut
-from tests.procs import group_members
+from tests.procs import group_members, processes_where
 
 LEASE = "3"  # seconds: short, so a dead node's tasks come back quickly
 
@@ -65,7 +65,6 @@ def reaches(db, key: str, *states: str, timeout: float = 30.0):
 
 def task_groups(agent) -> set[int]:
     """The process groups of the agent's tasks: its session's members other than itself."""
-    from tests.procs import processes_where
     members = processes_where(3, agent.proc.pid)
     return {os.getpgid(pid) for pid in members if pid != agent.proc.pid
             and _alive(pid)} - {agent.proc.pid}
@@ -83,13 +82,17 @@ def _alive(pid: int) -> bool:
 WORK = ("sh", "-c", "sleep 300 & sleep 3; echo done")
 
 
-def test_kill_9_of_an_agent_ends_its_whole_task_group_and_another_node_runs_the_task(
-        db, fleet_agents):
-    agents = fleet_agents(5)
+def work_running_somewhere(db, agents):
+    """Submit WORK as "job": (its running record, the agent running it, its task groups)."""
     submit(db, "job", *WORK)
     running = reaches(db, "job", "running")
     victim = agents[running.node_id]
-    groups = until(lambda: task_groups(victim), 10, "the task's group")
+    return running, victim, until(lambda: task_groups(victim), 10, "the task's group")
+
+
+def test_kill_9_of_an_agent_ends_its_whole_task_group_and_another_node_runs_the_task(
+        db, fleet_agents):
+    running, victim, groups = work_running_somewhere(db, fleet_agents(5))
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(5)
     assert victim.survivors(timeout=5) == []  # the watchdog ended the group, grandchild too
@@ -103,11 +106,7 @@ def test_kill_9_of_an_agent_ends_its_whole_task_group_and_another_node_runs_the_
 
 def test_a_stopped_agent_s_tasks_die_before_the_task_runs_elsewhere_and_its_late_result_is_refused(
         db, fleet_agents):
-    agents = fleet_agents(5)
-    submit(db, "job", *WORK)
-    running = reaches(db, "job", "running")
-    victim = agents[running.node_id]
-    groups = until(lambda: task_groups(victim), 10, "the task's group")
+    running, victim, groups = work_running_somewhere(db, fleet_agents(5))
     victim.proc.send_signal(signal.SIGSTOP)
     try:
         until(lambda: all(group_members(pgid) == [] for pgid in groups), 15,

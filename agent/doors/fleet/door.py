@@ -246,9 +246,10 @@ class FleetDoor(Service):
             self._release(run)
             return
         try:
-            request = TaskRequest(tuple(argv_item(a, "command") for a in claim.command) or
-                                  _empty(), claim.timeout, local_id(claim.key, claim.attempt),
-                                  claim.limits)
+            if not claim.command:
+                raise InvalidRequest('"command" must not be empty')
+            request = TaskRequest(tuple(argv_item(a, "command") for a in claim.command),
+                                  claim.timeout, local_id(claim.key, claim.attempt), claim.limits)
         except InvalidRequest as bad:
             self._report(run, refusal_report(f"not a valid task: {bad.message}"))
             return
@@ -505,8 +506,3 @@ def _prune_fleet(conn, keep_days: float) -> int:
         if batch < 1000:
             break
     return pruned + nodes.prune(conn, keep_days)
-
-
-def _empty():
-    raise InvalidRequest('"command" must not be empty')
-
