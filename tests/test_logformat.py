@@ -7,7 +7,7 @@ import json
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from agent.logformat import JsonLines, json_line
+from agent.logformat import PREFORMATTED, JsonLines, json_line
 from tests.e2e.conftest import start_agent  # noqa: F401 (a real agent for the last test)
 
 
@@ -26,6 +26,14 @@ def test_a_line_has_time_level_namespace_message_and_the_events_own_fields():
     assert line["fields"] == {"id": "job-1", "argv0": "echo\n", "exit_code": 3,
                               "launched_by": ["tcp", 1]}
     assert line["time"].endswith("Z") and "T" in line["time"]
+
+
+def test_a_preformatted_line_is_its_text_and_its_fields_leave_the_text_out():
+    seen, log = _events()
+    log.info(PREFORMATTED, text="task job-1 echo exited exit_code=0", id="job-1", exit_code=0)
+    line = json.loads(json_line(seen[0]))
+    assert line["message"] == "task job-1 echo exited exit_code=0"
+    assert line["fields"] == {"id": "job-1", "exit_code": 0}
 
 
 def test_one_event_is_one_line_whatever_it_holds():
@@ -53,3 +61,5 @@ def test_a_real_agent_logs_json_lines(start_agent):
     assert {"time", "level", "namespace", "message", "fields"} <= set(lines[0])
     ended = [line for line in lines if line["fields"].get("id") == "json-1"]
     assert ended[0]["fields"]["exit_code"] == 0 and ended[0]["level"] == "info"
+    assert ended[0]["message"].startswith("task json-1 true exited exit_code=0 duration_ms=")
+    assert "text" not in ended[0]["fields"]

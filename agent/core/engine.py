@@ -20,6 +20,7 @@ from agent.core.lanes import Lane
 from agent.core.outcome import Ending, Outcome
 from agent.core.request import TaskRequest, for_log
 from agent.core.task import Task
+from agent.logformat import PREFORMATTED
 from agent.runner.process import OutputSink, start_task
 
 log = Logger()
@@ -226,11 +227,13 @@ class Engine:
         self._settle(task, outcome, lane)
         if self._log_tasks == "none" or (self._log_tasks == "failures" and outcome.succeeded):
             return
-        log.info("task {id} {argv0} {ending} exit_code={exit_code} duration_ms={duration_ms} "
-                 "by {launched_by}", launched_by=task.launched_by,
-                 id=task.request.id or task.id, argv0=for_log(task.request.command[0]),
-                 ending=outcome.ending.value, exit_code=outcome.exit_code,
-                 duration_ms=None if outcome.duration_ms is None else round(outcome.duration_ms, 1))
+        ident, argv0 = task.request.id or task.id, for_log(task.request.command[0])
+        ending, exit_code, launched_by = outcome.ending.value, outcome.exit_code, task.launched_by
+        duration_ms = None if outcome.duration_ms is None else round(outcome.duration_ms, 1)
+        log.info(PREFORMATTED, text=f"task {ident} {argv0} {ending} exit_code={exit_code} "
+                                    f"duration_ms={duration_ms} by {launched_by}",
+                 id=ident, argv0=argv0, ending=ending, exit_code=exit_code,
+                 duration_ms=duration_ms, launched_by=launched_by)
 
     def _cleaned(self, emptied: bool, task: Task) -> None:
         task.cleanup = "complete" if emptied else "incomplete"
