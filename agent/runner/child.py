@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from agent._twisted_compat import hook_sigchld, twisted_reaps
 from agent.runner import cspawn
+from agent.runner.fdlimit import made_despite_a_hold
 from agent.runner.spawner import BUSY, Spawner, is_unknown_child, spawner_for
 
 READ_CHUNK = 1 << 20
@@ -160,7 +161,7 @@ class SpawnedChild:
         try:
             for child_fd, target in child_fds.items():
                 if target == "r":
-                    read_end, write_end = os.pipe()
+                    read_end, write_end = made_despite_a_hold(os.pipe)
                     self.pipes[child_fd] = _Pipe(self, child_fd, read_end)
                     self._write_fds.append(write_end)
                     fd_map[child_fd] = write_end

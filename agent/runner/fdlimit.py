@@ -10,9 +10,10 @@ over 1023, and a task should not inherit what only the agent needed.
 """
 from __future__ import annotations
 
+import errno
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from twisted.logger import Logger
 
@@ -22,6 +23,8 @@ except ImportError:  # pragma: no cover - not POSIX
     resource = None
 
 log = Logger()
+
+T = TypeVar("T")
 
 NR_OPEN_PATH = "/proc/sys/fs/nr_open"
 NR_OPEN_FALLBACK = 1 << 20
@@ -91,6 +94,25 @@ def original_limit_held(highest_fd: int) -> Iterator[bool]:
             yield True
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, _raised)
+
+
+def made_despite_a_hold(make: Callable[[], T]) -> T:
+    """make() a descriptor on the reactor's thread; if the limit was full, once more
+    after any hold the spawn thread has on it.
+
+    While the spawn thread holds the limit at the original (original_limit_held),
+    a descriptor the reactor makes gets EMFILE if every number under the original
+    is taken, though the agent has room to spare once the hold ends, a few hundred
+    microseconds later. It checks only the spawn's own descriptors, since counting
+    the process's would cost a directory listing a spawn.
+    """
+    try:
+        return make()
+    except OSError as e:
+        if e.errno != errno.EMFILE or _original is None:
+            raise
+    with _held:  # waits for the hold, if there is one, to end
+        return make()
 
 
 def give_back(pid: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from functools import partial
 from typing import Mapping, Sequence
 
 try:
@@ -106,6 +107,9 @@ class GroupProcess(process.Process):
         fdmap = {**kwargs.pop("fdmap"), report_w: report_w}
         try:
             super()._fork(path, uid, gid, executable, args, environment, fdmap=fdmap, **kwargs)
+        except BaseException:
+            os.close(report_r)
+            raise
         finally:
             os.close(report_w)
         with os.fdopen(report_r, "rb") as report:
@@ -186,9 +190,10 @@ def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str
             and _spawnable(child_fds):
         return spawn_child(reactor, protocol, executable or argv[0], list(argv), environment,
                            child_fds, posix_spawn_group, ignored_signals(signal.NSIG))
-    return GroupProcess(reactor, executable or argv[0], list(argv), environment, cwd, protocol,
-                        childFDs=child_fds, rlimits=rlimits, new_session=new_session,
-                        ignore_signals=ignore_signals)
+    return fdlimit.made_despite_a_hold(partial(
+        GroupProcess, reactor, executable or argv[0], list(argv), environment, cwd, protocol,
+        childFDs=child_fds, rlimits=rlimits, new_session=new_session,
+        ignore_signals=ignore_signals))
 
 
 def _spawnable(child_fds: Mapping[int, object]) -> bool:

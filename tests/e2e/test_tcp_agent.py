@@ -264,7 +264,8 @@ def test_a_low_open_file_limit_is_raised_and_tasks_get_the_original(start_agent)
     client.send(*({"command": ["sleep", "30"], "id": f"s{n}"} for n in range(100)))
     client.send({"command": ["sh", "-c", "ulimit -Sn"], "id": "limit-forked",
                  "limits": {"cpu_s": 60}})  # limits take the fork path, not posix_spawn
-    assert client.receive()["output"] == "128\n"  # and it came after the 100 spawns
+    forked = client.receive()
+    assert forked.get("output") == "128\n", forked  # and it came after the 100 spawns
     children = _wait_for_children(agent, 100)
     assert [_soft_nofile(pid) for pid in children] == [128] * 100
     assert agent.stop(signal.SIGTERM) == 0

@@ -1,7 +1,9 @@
 """The open-file limit is raised to the hard limit, within fs.nr_open, and only upward."""
 from __future__ import annotations
 
+import errno
 import resource
+import threading
 
 import pytest
 
@@ -96,3 +98,55 @@ def test_without_a_raise_the_child_inherits_the_agents_own_limit(limits):
     with fdlimit.original_limit_held(highest_fd=100000) as inherited:
         assert inherited
         assert fake.limits == (524288, 524288)
+
+
+def _emfile():
+    return OSError(errno.EMFILE, "Too many open files")
+
+
+def test_a_descriptor_refused_during_a_spawn_thread_s_hold_is_made_once_the_hold_ends(limits):
+    """The reactor making a task's pipes while the spawn thread holds the limit at the
+    original: EMFILE though the agent has room. It waits for the hold and tries again."""
+    fake, nr_open = limits(1024, 524288)
+    fdlimit.raise_open_file_limit(nr_open)
+    attempts, holding, release = [], threading.Event(), threading.Event()
+
+    def spawn_thread():
+        with fdlimit.original_limit_held(highest_fd=40):
+            holding.set()
+            release.wait(10)
+    thread = threading.Thread(target=spawn_thread)
+    thread.start()
+    holding.wait(10)
+
+    def make():
+        attempts.append(fake.limits)
+        if len(attempts) == 1:
+            release.set()  # the hold ends while the retry waits for it
+            raise _emfile()
+        return "pipe"
+    assert fdlimit.made_despite_a_hold(make) == "pipe"
+    thread.join(10)
+    assert attempts == [(1024, 524288), (524288, 524288)]
+
+
+def test_without_a_raise_or_for_another_error_a_refusal_is_the_caller_s(limits):
+    fake, nr_open = limits(524288, 524288)
+    fdlimit.raise_open_file_limit(nr_open)  # already at the top: never held
+
+    def refused():
+        raise _emfile()
+    with pytest.raises(OSError) as raised:
+        fdlimit.made_despite_a_hold(refused)
+    assert raised.value.errno == errno.EMFILE
+    fdlimit.forget_raise()
+    fake, nr_open = limits(1024, 524288)
+    fdlimit.raise_open_file_limit(nr_open)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise OSError(errno.ENFILE, "file table overflow")
+    with pytest.raises(OSError):
+        fdlimit.made_despite_a_hold(failing)
+    assert calls == [1]
