@@ -27,7 +27,7 @@ from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR
 from agent.history import datadir
 from agent.history.retention import Policy, Retention
 from agent.history.store import Store
-from agent.logformat import JsonLines
+from agent.logformat import JsonLines, text_log_destination, text_observer
 from agent.memory import BurstRelease
 from agent.metrics import FleetGauges, Metrics
 from agent.options import Options
@@ -207,6 +207,18 @@ def makeService(options: Options, reactor=None) -> AgentService:
     return build(options, reactor, own_process=True)
 
 
+def _log_observer(options: Options, reactor, own_process: bool):
+    """What twistd should log through: JSON lines, or its own text lines made cheaper
+    (agent.logformat) where the agent is the whole process and twistd's options say
+    where the text goes; None leaves twistd to its own."""
+    if options["log-format"] == "json":
+        return JsonLines()
+    if not own_process:
+        return None
+    out = text_log_destination(getattr(options, "parent", None), reactor)
+    return None if out is None else text_observer(out)
+
+
 def build(options: Options, reactor, *, start=start_task, own_process: bool = False,
           environ=os.environ) -> AgentService:
     """The one place the agent is wired, for makeService and for the tests.
@@ -240,7 +252,7 @@ def build(options: Options, reactor, *, start=start_task, own_process: bool = Fa
     escapees = EscapeeReaper(reactor, engine.live.keys) if own_process else None
     agent = AgentService(engine, reactor, store, options["shutdown-grace"],
                          handle_signals=own_process, escapees=escapees, watchdog=watchdog,
-                         log_observer=JsonLines() if options["log-format"] == "json" else None)
+                         log_observer=_log_observer(options, reactor, own_process))
     release.setServiceParent(agent)
     retention.setServiceParent(agent)
     lane = Lane(options["parallel"], queue=options["when-busy"] == "queue",
