@@ -57,11 +57,15 @@ class StdoutCollector:
         return b"".join(self.chunks).decode("utf-8", "replace")
 
 
-def _killpg(pgid: int, sig: int) -> None:
+def _killpg(pgid: int, sig: int) -> bool:
+    """Signal the group; False when no process is left in it, not even a zombie."""
     try:
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already empty
+    except ProcessLookupError:
+        return False  # the group is already empty
+    except PermissionError:
+        pass  # someone is in it, even if we may not signal them
+    return True
 
 
 def _reap_leftovers(pgid: int) -> None:
@@ -136,7 +140,7 @@ class TaskProcess(ProcessProtocol):
 
     def __init__(self, clock, sink: OutputSink, timeout: float | None = None,
                  output_limit: int | None = None, drain_grace: float = DRAIN_GRACE,
-                 killpg: Callable[[int, int], None] = _killpg,
+                 killpg: Callable[[int, int], bool | None] = _killpg,
                  group_alive: Callable[[int], bool] = _group_alive, argv0: str = "?"):
         self._clock = clock
         self._argv0 = argv0
@@ -262,9 +266,9 @@ class TaskProcess(ProcessProtocol):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
-        self._signal_group(signal.SIGKILL)  # nothing the task left behind outlives it
+        found = self._signal_group(signal.SIGKILL)  # nothing the task left behind outlives it
         self.ended.callback(self._outcome())
-        if self.pid is None:
+        if self.pid is None or found is False:  # the kill found no process: nothing to verify
             self.cleaned.callback(True)
         else:
             verify_group_empty(self._clock, self.pid, self._killpg,
@@ -287,9 +291,11 @@ class TaskProcess(ProcessProtocol):
     def _arm(self, name: str, delay: float, fn, *args) -> None:
         self._timers[name] = self._clock.callLater(delay, fn, *args)
 
-    def _signal_group(self, sig: int) -> None:
+    def _signal_group(self, sig: int) -> bool | None:
+        """The killpg's answer: False when the group had no process left."""
         if self.pid is not None:
-            self._killpg(self.pid, sig)
+            return self._killpg(self.pid, sig)
+        return None
 
     def _close_pipes(self) -> None:
         try:

@@ -120,6 +120,46 @@ class RunnerTimers(SynchronousTestCase):
         self.assertEqual(outcome.error, "cannot start './gone': No such file or directory")
 
 
+class GroupCleanup(SynchronousTestCase):
+    """After the exit the group is SIGKILLed and verified empty; a kill that finds no
+    process at all (not even a zombie) is the verification."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.kills, self.asked = [], []
+
+    def start(self, found_someone):
+        def killpg(pgid, sig):
+            self.kills.append((pgid, sig))
+            return found_someone
+
+        def group_alive(pgid):
+            self.asked.append(pgid)
+            return False
+        return start_task(self.clock, ("cmd",), StdoutCollector(), spawn=FakeSpawner(),
+                          killpg=killpg, group_alive=group_alive)
+
+    def test_a_kill_that_finds_no_process_is_the_verification(self):
+        runner = self.start(found_someone=False)
+        exit_with(runner, 0)
+        self.assertIs(self.successResultOf(runner.cleaned), True)
+        self.assertEqual((self.kills, self.asked), ([(runner.pid, signal.SIGKILL)], []))
+
+    def test_a_kill_that_finds_a_process_is_verified_by_asking_after_it(self):
+        runner = self.start(found_someone=True)
+        exit_with(runner, 0)
+        self.assertIs(self.successResultOf(runner.cleaned), True)
+        self.assertEqual(self.asked, [runner.pid])
+
+
+def test_the_real_killpg_says_whether_the_group_had_a_process():
+    from agent.runner.process import _killpg
+    assert _killpg(os.getpgid(0), 0) is True
+    child = os.posix_spawn("/bin/true", ["/bin/true"], {}, setpgroup=0)
+    os.waitpid(child, 0)
+    assert _killpg(child, 0) is False  # reaped: its group has no one left
+
+
 class StartedLater(SynchronousTestCase):
     """A busy agent starts a child on its spawn thread: the runner learns its pid
     later, and what happens meanwhile waits for it (agent.runner.spawner)."""
