@@ -30,7 +30,8 @@ from twisted.python.failure import Failure
 from agent._twisted_compat import hook_sigchld, twisted_reaps
 from agent.runner import cspawn
 from agent.runner.fdlimit import made_despite_a_hold
-from agent.runner.spawner import BUSY, Spawner, is_unknown_child, spawner_for
+from agent.runner.spawner import (BUSY, Spawner, existing_spawner, is_unknown_child,
+                                  spawner_for)
 
 READ_CHUNK = 1 << 20
 """Bytes taken from a pipe per read; Twisted's stock reader takes 8 KiB."""
@@ -327,9 +328,11 @@ class _ThreadStart:
 
 def _busy_spawner(reactor) -> Spawner | None:
     """The spawn thread, when it can take the spawn and the agent is busy enough to gain."""
-    if not cspawn.available or not IReactorThreads.providedBy(reactor):
+    if not cspawn.available:
         return None
-    spawner = spawner_for(reactor)
-    if spawner.queued or len(_watched) >= BUSY:  # never inline beside the thread's spawns
-        return spawner
+    spawner = existing_spawner(reactor)  # asked first: an interface check costs more, per spawn
+    if spawner is not None:
+        return spawner if spawner.queued or len(_watched) >= BUSY else None  # never inline
+    if len(_watched) >= BUSY and IReactorThreads.providedBy(reactor):  # beside its spawns
+        return spawner_for(reactor)
     return None

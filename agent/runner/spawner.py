@@ -143,6 +143,8 @@ class Spawner:
 
 def run_holding_limit(prepared: cspawn.Prepared) -> int:
     """cspawn.run, the child given the open-file limit the agent started with."""
+    if fdlimit.children_limit() is None:  # never raised: the child inherits the agent's
+        return cspawn.run(prepared)
     with fdlimit.original_limit_held(prepared.highest_fd) as inherited:
         pid = cspawn.run(prepared)
     if not inherited:
@@ -159,6 +161,11 @@ def spawner_for(reactor) -> Spawner:
     if spawner is None:
         spawner = _spawners[id(reactor)] = Spawner(reactor)
     return spawner
+
+
+def existing_spawner(reactor) -> Spawner | None:
+    """The reactor's spawn thread if it has one already."""
+    return _spawners.get(id(reactor))
 
 
 def may_reap_strangers() -> bool:
