@@ -127,7 +127,6 @@ class Page:
 
 COLUMNS = tuple(f.name for f in fields(TaskRecord))
 _STATE, _PID, _PROC_START = COLUMNS.index("state"), COLUMNS.index("pid"), COLUMNS.index("proc_start")
-_CLEANUP = COLUMNS.index("cleanup")
 
 
 MAX_COMMAND_BYTES = 64 << 10
@@ -216,11 +215,6 @@ def with_identity(row: tuple, identify: Identify) -> tuple:
     if stat is None:
         return row
     return (*row[:_PROC_START], stat.start_time, stat.session, *row[_PROC_START + 2:])
-
-
-def with_cleanup(row: tuple, cleanup: str) -> tuple:
-    """An ended task's row, completed with whether its process group was emptied."""
-    return (*row[:_CLEANUP], cleanup, *row[_CLEANUP + 1:])
 
 
 def row_has_ended(row: tuple) -> bool:

@@ -27,7 +27,7 @@ from agent.history.lock import DataDirInUse
 from agent.history.prune import StillRunning
 from agent.history.records import (
     STATES, TASK_ID, Identify, Live, Page, TaskRecord, command_json, command_text, kept_bytes,
-    record_of, row_of, state_of, with_cleanup, with_sizes)
+    record_of, row_of, state_of, with_sizes)
 from agent.history.recovery import EndLeftBehind, recover
 from agent.history.spool import StreamReader, TaskOutput
 from agent.history.sweep import leave_clean_stop_mark, sweep_orphan_output, take_clean_stop_mark
@@ -37,6 +37,19 @@ __all__ = ["Store", "TaskRecord", "STATES", "HistoryUnwritable", "StillRunning",
            "Page", "state_of"]
 
 log = Logger()
+
+
+class _RowOf:
+    """A task's row as it is when called: what the store writes (agent.history.writer).
+    The task's state may have moved on by then, which is the point: one row for all."""
+
+    __slots__ = ("task", "live", "noticed_at")
+
+    def __init__(self, task, live: Live, noticed_at: float):
+        self.task, self.live, self.noticed_at = task, live, noticed_at
+
+    def __call__(self) -> tuple:
+        return row_of(self.task, self.live, self.noticed_at)
 
 
 class Store:
@@ -72,7 +85,7 @@ class Store:
         """Idempotency key (a request's id) -> the task submitted with it, for every
         task in the history: the engine asks synchronously, so a retry racing its
         first attempt still finds it."""
-        self._ended_rows: dict[str, tuple] = {}
+        self._ended_rows: dict[str, _RowOf] = {}
         """Rows of ended tasks whose cleanup is not known yet (at most CLEANUP_DEADLINE long)."""
         self._lock_fd: int | None = None
         self._database: SerialDatabase | None = None
@@ -133,7 +146,7 @@ class Store:
         if task.state == "finished" and task.id not in self._live:
             return  # never seen queued: not a task of this store's engine
         live = self._live_entry(task)
-        row = row_of(task, live, self._reactor.seconds())
+        row = _RowOf(task, live, self._reactor.seconds())
         self._database.write(task.id, row)
         if task.state == "finished":
             del self._live[task.id]
@@ -147,7 +160,7 @@ class Store:
         Usually in the same reactor turn as the end, so the write coalesces with it."""
         row = self._ended_rows.pop(task.id, None)
         if row is not None:
-            self._database.write(task.id, with_cleanup(row, task.cleanup))
+            self._database.write(task.id, row)  # its row now says task.cleanup
 
     def task_for_key(self, key: str) -> str | None:
         """The id of the task submitted with this idempotency key, if any."""

@@ -3,6 +3,11 @@
 SQLite blocks, so no statement runs on the reactor. One thread owns the one
 connection and takes jobs in FIFO order; a read first applies the writes
 made before it, so a read can never overtake a write.
+
+A write is a function that makes the task's row, called on the reactor when
+the writes of the last WRITE_DELAY are handed to the thread, or at once when
+a read needs them: a task that is queued, started and ended within that time
+has its row made once, not three times.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import signal
 import sqlite3
 import threading
 import time
+from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -22,9 +28,12 @@ from agent.history.records import Identify, row_has_ended, with_identity
 log = Logger()
 
 WRITE_DELAY = 0.01
-"""Seconds a record may wait to be written with the ones after it: one
-transaction per burst instead of one thread hand-off and commit per change.
-A read never waits for it (it applies pending writes first)."""
+"""Seconds a record may wait to be written with the ones after it: one row made
+per task and one transaction per burst, instead of a row, a thread hand-off and
+a commit per change. A read never waits for it (it applies pending writes first)."""
+
+Row = Callable[[], tuple]
+"""What a write gives: makes the task's row as it is when called (on the reactor)."""
 
 
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0
@@ -45,11 +54,12 @@ class HistoryUnwritable(Exception):
 class SerialDatabase:
     """One connection used by one thread; writes coalesce per task, reads apply them first.
 
-    The thread takes jobs (reads, close) from a FIFO queue; a write only fills
-    a dict and, if none is due, queues a flush, which waits up to WRITE_DELAY
-    for more before one transaction writes them all. A write that fails puts
-    its rows back (a newer row for the same task wins) and is retried with
-    back-off; reads go on meanwhile, and the Store lays waiting rows over them.
+    The thread takes jobs (reads, flushes, close) from a FIFO queue; a write
+    only fills a dict on the reactor and, if none is due, arms a hand-over
+    WRITE_DELAY later, which makes the rows and queues one flush for them all
+    (a read hands them over first). A write that fails puts its rows back (a
+    newer row for the same task wins) and is retried with back-off; reads go on
+    meanwhile, and the Store lays waiting rows over them.
     """
 
     _FLUSH = object()
@@ -64,7 +74,11 @@ class SerialDatabase:
         self._max_waiting = max_waiting
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._unmade: dict[str, Row] = {}
+        """Writes not handed to the thread yet, their rows not made: the reactor's alone."""
+        self._hand_over_call = None
         self._pending: dict[str, tuple] = {}
+        """Rows handed over and not yet written, shared with the thread (under _lock)."""
         self._flush_queued = False
         self.trouble: tuple[str, float] | None = None
         """(why writing fails, since when as UNIX time) while it fails; None when fine."""
@@ -77,30 +91,52 @@ class SerialDatabase:
     def start(self) -> None:
         self._thread.start()
 
-    def write(self, task_id: str, row: tuple) -> None:
-        """Cheap on the reactor thread: a dict entry, and a wake-up when none is queued."""
+    def write(self, task_id: str, row: Row) -> None:
+        """Cheap on the reactor thread: a dict entry, and a timer when none is armed.
+        row() is called later, on the reactor: the task as it is then is written."""
+        self._unmade[task_id] = row
+        if self._hand_over_call is None:
+            self._hand_over_call = self._later(self._hand_over)
+
+    def _later(self, hand_over: Callable[[], None]):
+        """Arm the hand-over; the IDelayedCall (a test double may hand over at once)."""
+        return self._reactor.callLater(self._write_delay, hand_over)
+
+    def _hand_over(self) -> None:
+        """On the reactor: make the rows written since the last hand-over, and queue
+        one flush for them (unless one is queued already)."""
+        call, self._hand_over_call = self._hand_over_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._unmade:
+            return
+        unmade, self._unmade = self._unmade, {}
+        rows = {task_id: make() for task_id, make in unmade.items()}
         with self._lock:
-            self._pending[task_id] = row
+            self._pending.update(rows)
             wake, self._flush_queued = not self._flush_queued, True
         if wake:
             self._submit(self._FLUSH)
 
     def waiting_row(self, task_id: str) -> tuple | None:
         """The newest row for the task not yet written, if any."""
-        return self._pending.get(task_id)
+        make = self._unmade.get(task_id)
+        return make() if make is not None else self._pending.get(task_id)
 
     def waiting_rows(self) -> list[tuple]:
+        self._hand_over()
         with self._lock:
             return list(self._pending.values())
 
     @property
     def waiting(self) -> int:
         """How many rows wait to be written, without copying them."""
-        return len(self._pending)
+        return len(self._pending) + len(self._unmade)
 
     def run(self, query, *args) -> Deferred:
         """query(connection, *args) on the store thread, after every write made before
         (or after trying them, while writing fails)."""
+        self._hand_over()
         done: Deferred = Deferred()
         self._submit((done, query, args))
         return done
@@ -111,6 +147,7 @@ class SerialDatabase:
 
     def close(self) -> Deferred:
         """Write what is pending, close the connection, end the thread."""
+        self._hand_over()
         closed: Deferred = Deferred()
         self._submit((closed, self._CLOSE, ()))
         closed.addBoth(self._join)
@@ -136,12 +173,9 @@ class SerialDatabase:
         while True:
             if job is None:
                 job = self._next_job()
-            if job is self._FLUSH:
-                try:  # a read or close coming meanwhile ends the wait: it flushes first anyway
-                    job = self._jobs.get(timeout=self._write_delay)
-                except queue.Empty:
-                    job = None
+            if job is self._FLUSH:  # the rows waited on the reactor (write): now, at once
                 self._try_flush()
+                job = None
                 continue
             if self._answer_job(job):
                 return

@@ -61,3 +61,46 @@ async def test_a_running_task_is_recorded_with_the_identity_the_runner_reads(tmp
         assert asked == [harness.spawn.protocol().pid]
     finally:
         await harness.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_queued_started_and_ended_within_the_delay_has_its_row_made_once(
+        harness, monkeypatch):
+    """A write is a function making the row, called when the writes are handed to the
+    thread: the task as it is then, once, whatever it went through meanwhile."""
+    from agent.history import store as store_module
+    made = []
+    real = store_module.row_of
+    monkeypatch.setattr(store_module, "row_of", lambda *a: made.append(a[0].id) or real(*a))
+    t = harness.submit("true")
+    exit_with(harness.spawn.protocol(), 0)
+    assert made == []  # queued, running and ended: nothing made yet
+    record = await harness.store.get(t.id)  # a read hands the writes over first
+    assert record.state == "succeeded" and made == [t.id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_not_yet_handed_over_are_seen_by_every_read(harness):
+    t = harness.submit("sleep", "60")
+    database = harness.store._database
+    assert database.waiting == 1 and database.waiting_row(t.id)[3] == "running"
+    assert [r.id for r in (await harness.store.list()).records] == [t.id]
+    exit_with(harness.spawn.protocol(), 0)
+    assert database.waiting_row(t.id)[3] == "succeeded"
+    assert (await harness.store.get(t.id)).state == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_are_handed_over_on_their_own_within_the_delay(harness):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from agent.history.writer import WRITE_DELAY
+    t = harness.submit("true")
+    exit_with(harness.spawn.protocol(), 0)
+    await deferLater(reactor, WRITE_DELAY * 5, lambda: None)
+    database = harness.store._database
+    assert database._unmade == {}  # handed over without any read asking
+    row = await database.run(lambda c: c.execute(
+        "SELECT state FROM tasks WHERE id = ?", (t.id,)).fetchone())
+    assert row == ("succeeded",)
