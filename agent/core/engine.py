@@ -7,7 +7,7 @@ task may run, and what a known id means, lives here.
 """
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Callable, Iterable, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -168,7 +168,7 @@ class Engine:
         if not self.accepting:
             raise ShuttingDown()
         slot = lane.acquire(request.command)
-        task = Task(request, source, sink, uuid.uuid4().hex, held, launched_by)
+        task = Task(request, source, sink, new_task_id(), held, launched_by)
         self.live[task.id] = task
         if request.id is not None:
             self.live_by_key[request.id] = task
@@ -263,6 +263,12 @@ class Engine:
     def _notify(self, task: Task) -> None:
         for observer in self._observers:
             observer(task)
+
+
+def new_task_id() -> str:
+    """32 random hex digits (128 bits from the kernel): uuid4().hex's form, a quarter of its
+    cost, which builds a UUID object only to print it."""
+    return os.urandom(16).hex()
 
 
 class _Tee:

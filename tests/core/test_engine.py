@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from agent.core.decisions import (Attached, Busy, HistoryDown, KeyConflict, KeyForgotten, Replay,
                                   ShuttingDown, Started)
-from agent.core.engine import Engine
+from agent.core.engine import Engine, new_task_id
 from agent.core.lanes import Lane
 from agent.core.outcome import Ending
 from agent.core.request import TaskRequest
@@ -354,3 +354,9 @@ def test_a_queue_is_bounded_in_bytes_too_and_frees_them_as_waiters_start_or_go()
     exit_with(host.spawn.protocol(0))  # the first ends: the second waiter starts
     assert lane.waiting_bytes == 400
     submit(1000)
+
+
+def test_a_task_id_is_32_random_hex_digits_as_the_history_and_the_http_api_expect():
+    from agent.history.records import TASK_ID
+    ids = {new_task_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(TASK_ID.match(task_id) for task_id in ids)
