@@ -3,6 +3,7 @@
     python -m bench.profile serial   [--idle] [--seconds N]
     python -m bench.profile parallel
     python -m bench.profile output
+    python -m bench.profile parallel --gil   # only what holds the interpreter lock
 
 py-spy is a bench-only tool (`pip install py-spy`), not a dependency of the
 agent. The summary lists the functions with the most samples, by self and
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("workload", choices=["serial", "parallel", "output"])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--idle", action="store_true", help="count samples waiting in epoll too")
+    parser.add_argument("--gil", action="store_true",
+                        help="only samples holding the interpreter lock: the agent's Python, "
+                             "every thread, without the time its threads wait in the kernel")
     parser.add_argument("--raw", help="keep py-spy's collapsed stacks here")
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
         raw = args.raw or os.path.join(tmp, "profile.raw")
         client.serial_round_trips(agent.tcp_port, 50)
         recorder = subprocess.Popen([spy, "record", "-p", str(agent.pid), "-r", "1000", "-f", "raw",
-                                     "-o", raw, *(["--idle"] if args.idle else [])],
+                                     "-o", raw, *(["--idle"] if args.idle else []),
+                                     *(["--gil"] if args.gil else [])],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         cpu = agent.cpu_seconds()

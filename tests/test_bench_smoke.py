@@ -34,6 +34,16 @@ def test_the_leanest_agent_floor_prints_its_ratios():
     assert done.stdout.startswith("leanest Python agent: serial ") and "x); parallel " in done.stdout
 
 
+def test_the_cpu_budget_prints_each_share_and_what_the_target_leaves_the_agent():
+    done = subprocess.run([sys.executable, "-m", "bench.budget", "--rounds", "1", "--tasks", "200",
+                           "--seconds", "0.2"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    for row in ("| spawn loop x2 (the baseline) |", "| leanest Python agent |", "| this agent |"):
+        assert row in done.stdout
+    assert "which leaves the agent" in done.stdout
+
+
 def test_the_fleet_bench_runs_and_prints_its_figures(postgres_server):
     """make bench-fleet, tiny: it needs PostgreSQL's binaries, as the fleet's tests do."""
     done = subprocess.run(
