@@ -123,6 +123,14 @@ characters that need a \\u00XX escape."""
 _SHORT_ESCAPES = ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\n", b"\\n"), (b"\r", b"\\r"),
                   (b"\t", b"\\t"))
 
+_LONG_ESCAPED = tuple(bytes([c]) for c in range(0x20) if c not in b"\t\n\r")
+"""The control characters that need a \\u00XX escape, each as a byte to look for."""
+
+_SEARCH_EACH_FROM = 1 << 14
+"""From this size on, a chunk is searched for each of _LONG_ESCAPED (memchr, 29 passes
+in the cache) rather than through translate, a table lookup a byte: 1 MiB of ASCII
+2.3 against 1.75 GB/s; a small one's 29 searches cost more than one translate."""
+
 
 def encode_result_pieces(command: Any, outcome: Outcome, stdout: Iterable[bytes],
                          request_id: str | None = None,
@@ -196,7 +204,8 @@ class OutputEscaper:
 
 def _escape_utf8(data: bytes) -> bytes:
     """data: valid UTF-8 (so no escape needs more than its one ASCII byte's place)."""
-    if data.translate(None, _KEPT_BYTES):
+    if (any(byte in data for byte in _LONG_ESCAPED) if len(data) >= _SEARCH_EACH_FROM
+            else data.translate(None, _KEPT_BYTES)):
         return encode_basestring(data.decode("utf-8"))[1:-1].encode("utf-8")
     for raw, escaped in _SHORT_ESCAPES:
         data = data.replace(raw, escaped)

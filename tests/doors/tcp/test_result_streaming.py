@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
@@ -118,3 +119,16 @@ def test_a_large_result_is_streamed_and_no_probe_lands_inside_it():
     first, second = transport.read_all().split(b"\n")[:2]
     assert (json.loads(first)["id"], json.loads(first)["output"]) == ("1", chunk.decode() * 4)
     assert json.loads(second)["id"] == "2"
+
+
+@pytest.mark.parametrize("control", [0x00, 0x01, 0x0b, 0x1b, 0x1f])
+@pytest.mark.parametrize("size", [100, 1 << 14, 1 << 20])
+def test_a_control_character_anywhere_in_a_chunk_of_any_size_gets_its_u_escape(control, size):
+    """Large chunks are searched byte by byte (memchr), small ones through translate:
+    both find a control character at the start, in the middle and at the end."""
+    line = b"printable text, a tab\t and a newline\n"
+    base = (line * (size // len(line) + 1))[:size]
+    for where in (0, size // 2, size - 1):
+        data = base[:where] + bytes([control]) + base[where + 1:]
+        assert OutputEscaper().escape(data) == \
+            json.dumps(data.decode(), ensure_ascii=False)[1:-1].encode()
