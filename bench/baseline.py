@@ -8,8 +8,9 @@
   this process reads to the end: the bytes must at least cross a socket, so
   that is the floor of any agent that sends them to a client.
 
-`python -m bench.baseline spawn-loop N` is the loop run in the parallel
-baseline's worker processes: it prints how long N spawns took.
+`python -m bench.baseline spawn-loop SECONDS` is the loop run in the parallel
+baseline's worker processes: it prints how many spawns it made, in how many
+seconds, and the CPU seconds it and its children spent (bench.budget).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def parallel_spawn_rate(processes: int, seconds: float) -> float:
                for _ in range(processes)]
     rates = []
     for worker in workers:
-        count, taken = worker.communicate()[0].split()
+        count, taken = worker.communicate()[0].split()[:2]
         rates.append(int(count) / float(taken))
     return sum(rates)
 
@@ -111,8 +112,18 @@ def _repo() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _cpu() -> tuple[float, float]:
+    """(this process's, its reaped children's) CPU seconds."""
+    import resource
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["spawn-loop"]:
         spawn_loop(50)  # warm up the page cache and the allocator
+        cpu_before = _cpu()
         spawned, took = spawns_for(float(sys.argv[2]))
-        print(spawned, took)
+        cpu_after = _cpu()
+        print(spawned, took, *(after - before for after, before in zip(cpu_after, cpu_before)))

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench import baseline, client
+from bench import client
 from bench.agentproc import TICKS, Agent
 
 TARGET = 0.8
@@ -93,8 +93,8 @@ def served(pid: int, port: int, tasks: int) -> Share:
 
 
 def loop(seconds: float) -> Share:
-    """The spawn loop in two processes, as `make bench` runs it; their CPU a spawn."""
-    argv = [sys.executable, "-m", "bench.budget", "--loop", str(seconds)]
+    """The spawn loop in two processes, the very workers `make bench` runs; their CPU a spawn."""
+    argv = [sys.executable, "-m", "bench.baseline", "spawn-loop", str(seconds)]
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     workers = [subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, text=True)
                for _ in range(2)]
@@ -106,15 +106,6 @@ def loop(seconds: float) -> Share:
         children += children_cpu
         rate += count / taken
     return Share(own / spawns, children / spawns, 0.0, rate)
-
-
-def _loop_worker(seconds: float) -> None:  # pragma: no cover - runs in its own process
-    before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    count, taken = baseline.spawns_for(seconds)
-    after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    own, children = ((a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime)
-                     for a, b in zip(after, before))
-    print(count, taken, own, children)
 
 
 def _median_share(shares: list[Share]) -> Share:
@@ -171,7 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--loop"]:
-        _loop_worker(float(sys.argv[2]))
-    else:
-        raise SystemExit(main())
+    raise SystemExit(main())
