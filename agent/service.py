@@ -28,7 +28,7 @@ from agent.history import datadir
 from agent.history.retention import Policy, Retention
 from agent.history.store import Store
 from agent.logformat import JsonLines, text_log_destination, text_observer
-from agent.memory import BurstRelease
+from agent.memory import BurstRelease, keep_freed_memory
 from agent.metrics import FleetGauges, Metrics
 from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
@@ -204,6 +204,7 @@ def makeService(options: Options, reactor=None) -> AgentService:
     """twistd's entry point (the plugin and agent.tac): the agent as its own process."""
     if reactor is None:
         from twisted.internet import reactor
+    keep_freed_memory()  # the whole process's allocator: large results reuse their pages
     return build(options, reactor, own_process=True)
 
 

@@ -1,10 +1,14 @@
 """A burst's memory is given back once, after the burst drains, and never during one."""
 from __future__ import annotations
 
+import os
+
+import pytest
 from twisted.internet.task import Clock
 
 from agent import memory
 from agent.memory import BURST, DELAY, BurstRelease
+from tests.e2e.conftest import start_agent  # noqa: F401 (a real agent for the last test)
 
 
 class Harness:
@@ -12,8 +16,9 @@ class Harness:
         self.clock = Clock()
         self.live = 0
         self.trims = []
+        self.free = 0
         self.release = BurstRelease(self.clock, lambda: self.live, trim=self.trims.append,
-                                    rss=lambda: 1 << 30)
+                                    rss=lambda: 1 << 30, free_heap=lambda: self.free)
         if not trim:  # as on a C library without malloc_trim
             self.release._trim = None
 
@@ -87,3 +92,71 @@ def test_this_platforms_malloc_trim_is_found_and_callable():
     if trim is None:  # pragma: no cover - not glibc
         return
     assert trim(0) in (0, 1)
+
+
+# -- large results: freed blocks kept for reuse while busy, given back when idle
+
+def test_a_quiet_second_with_much_heap_free_is_trimmed_once():
+    h = Harness()
+    h.to(1)
+    h.free = memory.IDLE_RETAINED + 1
+    h.to(0)
+    h.clock.advance(DELAY - 0.1)
+    assert h.trims == []
+    h.clock.advance(0.1)
+    assert h.trims == [0]
+    h.clock.advance(DELAY * 10)
+    assert h.trims == [0], "nothing ran since: nothing to trim again"
+
+
+def test_a_task_meanwhile_puts_the_idle_trim_off_and_little_free_heap_needs_none():
+    h = Harness()
+    h.free = memory.IDLE_RETAINED + 1
+    h.to(1)
+    h.to(0)
+    h.clock.advance(DELAY / 2)
+    h.to(1)  # the next large result: its pages are the last one's
+    h.clock.advance(DELAY)
+    assert h.trims == []
+    h.to(0)
+    h.clock.advance(DELAY / 2)
+    h.to(1)
+    h.to(0)  # ended just now: the quiet second starts again
+    h.clock.advance(DELAY / 2)
+    assert h.trims == []
+    h.clock.advance(DELAY / 2)
+    assert h.trims == [0]
+    h.free = memory.IDLE_RETAINED
+    h.to(1)
+    h.to(0)
+    h.clock.advance(DELAY * 2)
+    assert h.trims == [0]
+
+
+def _faults_and_rss(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_real_agent_reuses_a_large_result_s_pages_and_gives_them_back_when_idle(start_agent):
+    """keep_freed_memory and the idle trim, in the agent's own process: the second 64 MiB
+    result faults in a fraction of the first one's pages, and a quiet second later the
+    agent's memory is back near where it started."""
+    if memory._find_free_heap() is None:
+        pytest.skip("not glibc: no mallinfo2 to see the free heap by")
+    agent = start_agent()
+    client = agent.connect()
+    request = {"command": ["sh", "-c", "yes 0123456789abcdef0123456789 | head -c 64M"]}
+    client.send({"command": ["true"]})
+    client.receive()
+    _, idle_rss = _faults_and_rss(agent.proc.pid)
+    faults = []
+    for _ in range(2):
+        before, _ = _faults_and_rss(agent.proc.pid)
+        client.send(request)
+        assert len(client.receive()["output"]) == 64 << 20
+        faults.append(_faults_and_rss(agent.proc.pid)[0] - before)
+    assert faults[1] * 4 < faults[0], faults  # 64 MiB of new pages is 16,384 faults
+    agent.wait_for_log("idle: gave", timeout=10)
+    assert _faults_and_rss(agent.proc.pid)[1] < idle_rss + (24 << 20)
