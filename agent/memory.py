@@ -13,7 +13,8 @@ megabyte at a time, and by default glibc maps each such block afresh and
 unmaps it when freed, so every result faults in some 400 MiB of new pages
 (52,000 faults, a fifth of the agent's CPU for it). The agent's own process
 keeps them on its heap instead (keep_freed_memory), and gives back what is
-free there once no task has run for DELAY (IDLE_RETAINED).
+free there once no task has run for DELAY, or after BUSY_RETAINED_FOR if it
+never goes quiet (IDLE_RETAINED).
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ DELAY = 1.0
 
 IDLE_RETAINED = 32 << 20
 """Free heap an agent with no task for DELAY may keep; past it, the heap is trimmed."""
+
+BUSY_RETAINED_FOR = 10.0
+"""Seconds a busy agent (never quiet for DELAY) may keep over IDLE_RETAINED free before
+it trims anyway: a stream of small tasks after one huge result must not hold it for good."""
 
 LARGEST_ON_HEAP = 32 << 20
 """Blocks up to this size come from the heap and return to it (glibc's most)."""
@@ -100,7 +105,8 @@ def _rss_bytes() -> int | None:
 
 class BurstRelease(Service):
     """Engine observer: after a burst of live tasks drains, trim the C heap once; and
-    when no task has run for DELAY, trim it if over IDLE_RETAINED of it is free."""
+    while over IDLE_RETAINED of it is free, trim it once no task has run for DELAY, or
+    once it has been so for BUSY_RETAINED_FOR (looked at every DELAY while tasks run)."""
 
     def __init__(self, reactor, live: Callable[[], int], trim: Callable[[int], int] | None = None,
                  rss=_rss_bytes, free_heap: Callable[[], int] | None = None):
@@ -114,13 +120,13 @@ class BurstRelease(Service):
         self._peak = 0
         self._call = None
         self._last_change = 0.0
+        self._free_since: float | None = None
         self._idle_call = None
 
     def observe(self, task) -> None:
         live = self._live()
         self._last_change = self._reactor.seconds()
-        if live == 0 and self._idle_call is None and self._free_heap is not None \
-                and self._trim is not None:
+        if self._idle_call is None and self._free_heap is not None and self._trim is not None:
             self._idle_call = self._reactor.callLater(DELAY, self._idle)
         if live > self._peak:
             self._peak = live
@@ -139,19 +145,24 @@ class BurstRelease(Service):
         return super().stopService()
 
     def _idle(self) -> None:
-        """DELAY after the last task ended: trim if none has run since and much is free."""
+        """DELAY after a task's change: trim if much of the heap is free and the agent has
+        been quiet for DELAY, or has kept it BUSY_RETAINED_FOR; else look again later."""
         self._idle_call = None
-        if self._live():
-            return  # the next time none is live arms another
-        quiet = self._reactor.seconds() - self._last_change
-        if quiet < DELAY:
-            self._idle_call = self._reactor.callLater(DELAY - quiet, self._idle)
+        free, now = self._free_heap(), self._reactor.seconds()
+        if free <= IDLE_RETAINED:
+            self._free_since = None
+            return  # the next task's change looks again
+        if self._free_since is None:
+            self._free_since = now
+        quiet = not self._live() and now - self._last_change >= DELAY
+        if not quiet and now - self._free_since < BUSY_RETAINED_FOR:
+            self._idle_call = self._reactor.callLater(DELAY, self._idle)
             return
-        free = self._free_heap()
-        if free > IDLE_RETAINED:
-            self._trim(0)
-            log.info("idle: gave {mib:.0f} MiB of free heap back to the system",
-                     mib=free / (1 << 20))
+        self._free_since = None
+        self._trim(0)
+        log.info("{why}: gave {mib:.0f} MiB of free heap back to the system",
+                 why="idle" if quiet else f"busy for {BUSY_RETAINED_FOR:.0f} s",
+                 mib=free / (1 << 20))
 
     def _drained(self, live: int) -> bool:
         return (self._trim is not None and self._peak >= BURST

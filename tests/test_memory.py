@@ -124,7 +124,7 @@ def test_a_task_meanwhile_puts_the_idle_trim_off_and_little_free_heap_needs_none
     h.to(0)  # ended just now: the quiet second starts again
     h.clock.advance(DELAY / 2)
     assert h.trims == []
-    h.clock.advance(DELAY / 2)
+    h.clock.advance(DELAY)  # a look every DELAY: the first once the second is quiet
     assert h.trims == [0]
     h.free = memory.IDLE_RETAINED
     h.to(1)
@@ -160,3 +160,18 @@ def test_a_real_agent_reuses_a_large_result_s_pages_and_gives_them_back_when_idl
     assert faults[1] * 4 < faults[0], faults  # 64 MiB of new pages is 16,384 faults
     agent.wait_for_log("idle: gave", timeout=10)
     assert _faults_and_rss(agent.proc.pid)[1] < idle_rss + (24 << 20)
+
+
+def test_a_busy_agent_that_never_goes_quiet_trims_after_a_while_all_the_same():
+    h = Harness()
+    h.to(1)
+    h.free = memory.IDLE_RETAINED + 1
+    for _ in range(int(memory.BUSY_RETAINED_FOR / DELAY) * 4):
+        if h.trims:
+            break
+        h.to(2)  # a task starts and ends every half second, one always running
+        h.clock.advance(DELAY / 2)
+        h.to(1)
+        h.clock.advance(DELAY / 2)
+    assert h.trims == [0]
+    assert h.clock.seconds() <= memory.BUSY_RETAINED_FOR + 2 * DELAY
