@@ -24,6 +24,7 @@ from agent.doors.tcp import protected as protected_mode
 from agent.doors.tcp.backlog import Backlog, Spill
 from agent.doors.tcp.protocol import TaskLineFactory, _describe
 from agent.doors.tcp.wire import SHUTTING_DOWN_ERROR
+from agent.fdlimit import raise_open_file_limit
 from agent.history import datadir
 from agent.history.retention import Policy, Retention
 from agent.history.store import Store
@@ -32,7 +33,6 @@ from agent.memory import BurstRelease, keep_freed_memory
 from agent.metrics import FleetGauges, Metrics
 from agent.options import Options
 from agent.runner.escapees import EscapeeReaper
-from agent.runner.fdlimit import raise_open_file_limit
 from agent.runner.process import CLEANUP_DEADLINE, start_task
 from agent.runner.procinfo import kill_left_behind, proc_stat
 from agent.runner.watchdog import Watchdog

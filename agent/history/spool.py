@@ -19,6 +19,8 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
+from agent.fdlimit import made_despite_a_hold
+
 STREAMS = {1: "stdout", 2: "stderr"}
 SEGMENTS_PER_LIMIT = 8
 
@@ -93,9 +95,9 @@ class StreamWriter:
         self.close()
         try:
             os.makedirs(self._directory, mode=0o700, exist_ok=True)
-            self._fd = os.open(os.path.join(self._directory, f"{self._name}.{self.total}"),
-                               os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                               0o600)
+            path = os.path.join(self._directory, f"{self._name}.{self.total}")
+            self._fd = made_despite_a_hold(lambda: os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         except OSError as e:
             self._give_up(e)
             return

@@ -28,8 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from agent._twisted_compat import hook_sigchld, twisted_reaps
+from agent.fdlimit import made_despite_a_hold
 from agent.runner import cspawn
-from agent.runner.fdlimit import made_despite_a_hold
 from agent.runner.spawner import (BUSY, Spawner, existing_spawner, is_unknown_child,
                                   spawner_for)
 

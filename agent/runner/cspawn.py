@@ -86,7 +86,7 @@ class Prepared:
         self.file, self.argv, self.envp = file, argv, envp
         self.file_actions, self.attributes = file_actions, attributes
         self.highest_fd = highest_fd
-        """The highest of the agent's descriptors the child is given (agent.runner.fdlimit)."""
+        """The highest of the agent's descriptors the child is given (agent.fdlimit)."""
 
 
 def prepare(executable: str, argv: Sequence[str], environment: Mapping,

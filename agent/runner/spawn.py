@@ -27,7 +27,7 @@ from twisted.internet import process
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 from agent._twisted_compat import environment_bytes, ignored_signals
-from agent.runner import fdlimit
+from agent import fdlimit
 from agent.runner.child import DEFAULT_PIPE_SIZE, READ_CHUNK, grow_pipe, spawn_child
 
 RLIMITS = {"cpu_s": ("RLIMIT_CPU", 1, 1), "memory_mb": ("RLIMIT_AS", 1 << 20, 0),
@@ -151,7 +151,7 @@ def posix_spawn_group(executable: str, argv: Sequence[str], environment,
 
     reset_signals: those the agent ignores, reset to their default (Python ignores
     SIGPIPE; a task must not). The child gets the open-file limit the agent started
-    with (agent.runner.fdlimit).
+    with (agent.fdlimit).
     """
     with fdlimit.original_limit_held(max(fd_map.values(), default=2)) as inherited:
         pid = os.posix_spawnp(

@@ -27,7 +27,8 @@ import threading
 from collections import deque
 from typing import Protocol
 
-from agent.runner import cspawn, fdlimit
+from agent import fdlimit
+from agent.runner import cspawn
 
 BUSY = 4
 """Tasks running at once from which a spawn goes to the thread: below it the agent

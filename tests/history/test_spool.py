@@ -183,3 +183,28 @@ def test_a_live_reader_only_ever_returns_bytes_at_their_true_offsets(tmp_path_fa
         assert chunk == written[reader.position - len(chunk):reader.position]
     assert reader.position == len(written)
     reader.close()
+
+
+def test_a_segment_refused_during_the_spawn_thread_s_limit_hold_is_opened_once_it_ends(
+        tmp_path, monkeypatch):
+    """EMFILE while the agent's raised limit is held at the original for a spawn: the
+    spool tries once more after the hold instead of giving up on the task's output."""
+    import errno
+
+    from agent import fdlimit
+    from agent.history import spool
+    monkeypatch.setattr(fdlimit, "_original", (1024, 4096))
+    real_open, refused = os.open, []
+
+    def open_once_refused(path, *args):
+        if not refused:
+            refused.append(path)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args)
+    monkeypatch.setattr(spool.os, "open", open_once_refused)
+    output = TaskOutput(tmp_path / "t", limit=100)
+    output.received(1, b"kept\n")
+    monkeypatch.setattr(spool.os, "open", real_open)
+    output.end()
+    assert refused and output.size(1) == (5, 0)
+    assert (tmp_path / "t" / "stdout.0").read_bytes() == b"kept\n"

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from agent.runner import fdlimit
+from agent import fdlimit
 
 
 class FakeLimits:
