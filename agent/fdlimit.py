@@ -96,6 +96,19 @@ def original_limit_held(highest_fd: int) -> Iterator[bool]:
             resource.setrlimit(resource.RLIMIT_NOFILE, _raised)
 
 
+def spawned_with_original_limit(highest_fd: int, spawn: Callable[[], int]) -> int:
+    """spawn() -> pid, the child given the open-file limit the agent started with: held
+    at the original around the spawn when that is safe, else set from outside at once
+    (give_back); nothing at all when the agent never raised its own."""
+    if _original is None:
+        return spawn()
+    with original_limit_held(highest_fd) as inherited:
+        pid = spawn()
+    if not inherited:
+        give_back(pid)
+    return pid
+
+
 def made_despite_a_hold(make: Callable[[], T]) -> T:
     """make() a descriptor on the reactor's thread; if the limit was full, once more
     after any hold the spawn thread has on it.

@@ -11,6 +11,24 @@ from agent.core.engine import Engine
 from agent.runner.process import start_task
 
 
+class StdoutCollector:
+    """An output sink for tests: keeps stdout as chunks, stderr only counted (the TCP
+    door's own is agent.doors.tcp.collector.ResultOutput)."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.sizes = {1: 0, 2: 0}
+
+    def received(self, fd: int, data: bytes) -> None:
+        self.sizes[fd] = self.sizes.get(fd, 0) + len(data)
+        if fd == 1:
+            self.chunks.append(data)
+
+    def text(self) -> str:
+        """stdout decoded as UTF-8, invalid bytes replaced, so JSON stays valid."""
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+
 class FakeProcessTransport:
     def __init__(self, pid: int):
         self.pid = pid

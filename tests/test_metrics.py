@@ -9,8 +9,7 @@ from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
 from agent.history.prune import Usage
 from agent.metrics import FleetGauges, Metrics
-from agent.runner.process import StdoutCollector
-from tests.fakes import FakeHost, exit_with
+from tests.fakes import FakeHost, StdoutCollector, exit_with
 
 SECRET_ARG = "s3cr3t-argument-0xdeadbeef"
 KEY = "my-idempotency-key-42"

@@ -17,7 +17,6 @@ its 20,000.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 from typing import Mapping, Sequence
@@ -73,6 +72,20 @@ def grow_pipe(fd: int) -> None:
         pass  # over fs.pipe-max-size or the user's pipe quota, or not Linux: keep it
 
 
+def read_output(fd: int, grown: bool) -> tuple[bytes | None, bool]:
+    """One read of a task's output pipe, READ_CHUNK at most: (data, grown). data is None
+    when nothing is there yet and b"" at the end; a read that fails raises OSError.
+    The first read that finds the pipe full grows it (grow_pipe)."""
+    try:
+        data = os.read(fd, READ_CHUNK)
+    except BlockingIOError:
+        return None, grown
+    if not grown and len(data) >= DEFAULT_PIPE_SIZE:
+        grow_pipe(fd)
+        grown = True
+    return data, grown
+
+
 def process_reason(status: int) -> BaseException:
     """A wait status as Twisted reports it: ProcessDone, or ProcessTerminated."""
     if os.WIFEXITED(status):
@@ -100,17 +113,12 @@ class _Pipe:
 
     def doRead(self):
         try:
-            data = os.read(self.fd, READ_CHUNK)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EINTR):
-                return None
+            data, self.grown = read_output(self.fd, self.grown)
+        except OSError:
             data = b""  # a pipe that fails to read is done
         if data:
-            if len(data) >= DEFAULT_PIPE_SIZE and not self.grown:
-                self.grown = True
-                grow_pipe(self.fd)
             self.child.received(self.child_fd, data)
-        else:
+        elif data is not None:
             self.child.pipe_closed(self)
         return None
 

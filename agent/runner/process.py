@@ -40,23 +40,6 @@ class OutputSink(Protocol):
     def received(self, fd: int, data: bytes) -> None: ...
 
 
-class StdoutCollector:
-    """Keeps stdout as chunks joined once at the end; stderr is only counted."""
-
-    def __init__(self):
-        self.chunks: list[bytes] = []
-        self.sizes = {1: 0, 2: 0}
-
-    def received(self, fd: int, data: bytes) -> None:
-        self.sizes[fd] = self.sizes.get(fd, 0) + len(data)
-        if fd == 1:
-            self.chunks.append(data)
-
-    def text(self) -> str:
-        """stdout decoded as UTF-8, invalid bytes replaced, so JSON stays valid."""
-        return b"".join(self.chunks).decode("utf-8", "replace")
-
-
 def _killpg(pgid: int, sig: int) -> bool:
     """Signal the group; False when no process is left in it, not even a zombie."""
     try:

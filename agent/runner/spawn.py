@@ -28,7 +28,7 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 from agent._twisted_compat import environment_bytes, ignored_signals
 from agent import fdlimit
-from agent.runner.child import DEFAULT_PIPE_SIZE, READ_CHUNK, grow_pipe, spawn_child
+from agent.runner.child import read_output, spawn_child
 
 RLIMITS = {"cpu_s": ("RLIMIT_CPU", 1, 1), "memory_mb": ("RLIMIT_AS", 1 << 20, 0),
            "nofile": ("RLIMIT_NOFILE", 1, 0)}
@@ -62,22 +62,19 @@ fail after the fork, and the task would seem to have run and exited 1."""
 
 class LargeChunkReader(process.ProcessReader):
     """Reads a child's pipe a megabyte at a time instead of 8 KiB, and grows the
-    pipe once the child has filled it (agent.runner.child.grow_pipe)."""
+    pipe once the child has filled it (agent.runner.child.read_output)."""
 
     _grown = False
 
     def doRead(self):
         try:
-            data = os.read(self.fd, READ_CHUNK)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EINTR):
-                return None
+            data, self._grown = read_output(self.fd, self._grown)
+        except OSError:
             return CONNECTION_LOST
+        if data is None:
+            return None
         if not data:
             return CONNECTION_DONE
-        if len(data) >= DEFAULT_PIPE_SIZE and not self._grown:
-            self._grown = True
-            grow_pipe(self.fd)
         self.dataReceived(data)
         return None
 
@@ -153,18 +150,10 @@ def posix_spawn_group(executable: str, argv: Sequence[str], environment,
     SIGPIPE; a task must not). The child gets the open-file limit the agent started
     with (agent.fdlimit).
     """
-    with fdlimit.original_limit_held(max(fd_map.values(), default=2)) as inherited:
-        pid = os.posix_spawnp(
-            executable,
-            argv,
-            environment,
-            file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fd_map.items()],
-            setsigdef=reset_signals,
-            setpgroup=0,
-        )
-    if not inherited:
-        fdlimit.give_back(pid)
-    return pid
+    return fdlimit.spawned_with_original_limit(max(fd_map.values(), default=2), partial(
+        os.posix_spawnp, executable, argv, environment,
+        file_actions=[(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in fd_map.items()],
+        setsigdef=reset_signals, setpgroup=0))
 
 
 def spawn_in_group(reactor, protocol, argv: Sequence[str], env: Mapping[str, str] | None = None,

@@ -25,6 +25,7 @@ import queue
 import signal
 import threading
 from collections import deque
+from functools import partial
 from typing import Protocol
 
 from agent import fdlimit
@@ -144,13 +145,8 @@ class Spawner:
 
 def run_holding_limit(prepared: cspawn.Prepared) -> int:
     """cspawn.run, the child given the open-file limit the agent started with."""
-    if fdlimit.children_limit() is None:  # never raised: the child inherits the agent's
-        return cspawn.run(prepared)
-    with fdlimit.original_limit_held(prepared.highest_fd) as inherited:
-        pid = cspawn.run(prepared)
-    if not inherited:
-        fdlimit.give_back(pid)
-    return pid
+    return fdlimit.spawned_with_original_limit(prepared.highest_fd,
+                                               partial(cspawn.run, prepared))
 
 
 _spawners: dict[int, Spawner] = {}

@@ -15,8 +15,7 @@ from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
 from agent.doors.tcp.protocol import TaskLineFactory
 from agent.options import Options
-from agent.runner.process import StdoutCollector
-from tests.fakes import FakeHost, exit_with
+from tests.fakes import FakeHost, StdoutCollector, exit_with
 
 ECHO = os.path.realpath(shutil.which("echo"))
 TRUE = os.path.realpath(shutil.which("true"))

@@ -11,8 +11,9 @@ from agent.core.engine import Engine, new_task_id
 from agent.core.lanes import Lane
 from agent.core.outcome import Ending
 from agent.core.request import TaskRequest
-from agent.runner.process import StdoutCollector, start_task
-from tests.fakes import FakeHost, FakeProcessTransport, MemoryHistory, exit_with
+from agent.runner.process import start_task
+from tests.fakes import (FakeHost, FakeProcessTransport, MemoryHistory, StdoutCollector,
+                         exit_with)
 
 
 class EngineTests(SynchronousTestCase):

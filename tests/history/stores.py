@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from agent.core.lanes import Lane
 from agent.core.request import TaskRequest
 from agent.history.store import Store
-from agent.runner.process import StdoutCollector
+from tests.fakes import StdoutCollector
 from agent.runner.procinfo import kill_left_behind, proc_stat
 from tests.fakes import FakeHost
 

@@ -15,9 +15,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent.core.outcome import Ending
-from agent.runner.process import DRAIN_GRACE, StdoutCollector, start_task
+from agent.runner.process import DRAIN_GRACE, start_task
 from agent.runner.spawn import spawn_in_group
-from tests.fakes import FakeSpawner, KillRecorder, exit_with
+from tests.fakes import FakeSpawner, KillRecorder, StdoutCollector, exit_with
 from tests.procs import group_members, wait_until_empty
 
 

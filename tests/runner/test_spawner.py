@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from agent.core.outcome import Ending
 from agent.runner import child as child_module
 from agent.runner import cspawn, spawner as spawner_module
-from agent.runner.process import StdoutCollector, start_task
+from agent.runner.process import start_task
+from tests.fakes import StdoutCollector
 from agent.runner.spawner import Spawner, may_reap_strangers
 from tests.procs import group_members, wait_until_empty
 

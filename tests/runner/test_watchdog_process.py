@@ -10,8 +10,9 @@ from twisted.internet import reactor, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactor
 
-from agent.runner.process import StdoutCollector, start_task
+from agent.runner.process import start_task
 from agent.runner.watchdog import LineWriter, Watchdog, launch_process
+from tests.fakes import StdoutCollector
 from tests.procs import group_members
 
 GRANDCHILDREN = "sleep 300 & sleep 300 & wait"
